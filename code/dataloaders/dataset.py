@@ -1,0 +1,239 @@
+"""Datasets in the SSL4MIS layout shared by ACDC and the preprocessed PROMISE12 data.
+
+    <root>/train_slices.list   training slice ids, in the canonical order
+    <root>/val.list, test.list volume ids
+    <root>/data/slices/<id>.h5 'image' float (H,W) in [0,1], 'label' uint8 (H,W)
+    <root>/data/<id>.h5        'image' float (D,H,W), 'label' uint8 (D,H,W), optional attrs
+
+Training slices are read once and kept in memory, resized (nearest neighbour, as the
+published protocol) to the network size; augmentation then runs either per sample in
+DataLoader workers or batched on the training device (``dataloaders.augment``).
+"""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataloaders.augment import augment
+
+# labeled patients -> labeled slices at the head of ACDC's train_slices.list
+ACDC_LABELED_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
+
+
+def check_root(root):
+    """The dataset root as a Path; FileNotFoundError naming it if it is not a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root_path {root}: no such dataset folder")
+    return root
+
+
+def read_list(root, name):
+    """Ids listed in ``root/name`` (blank lines ignored)."""
+    path = Path(root) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: list file not found (expected one id per line)")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: the list is empty")
+    return ids
+
+
+def case_of(slice_id):
+    """The patient/case a slice id belongs to: 'patient099_frame01_slice_3' -> 'patient099'."""
+    return slice_id.split("_")[0]
+
+
+def labeled_slice_count(slice_ids, labelnum, table=None, flag="--labelnum"):
+    """Number of leading slices belonging to the first ``labelnum`` cases.
+
+    With ``table`` (ACDC), ``labelnum`` must be one of its keys and the table value is used,
+    as in every published ACDC split.
+    """
+    if table is not None:
+        if labelnum not in table:
+            raise ValueError(f"{flag} {labelnum}: expected one of {sorted(table)} labeled patients")
+        count = table[labelnum]
+        if count > len(slice_ids):
+            raise ValueError(f"{flag} {labelnum} needs {count} slices, the list has {len(slice_ids)}")
+        return count
+    cases = list(dict.fromkeys(case_of(s) for s in slice_ids))
+    if not 1 <= labelnum <= len(cases):
+        raise ValueError(f"{flag} {labelnum}: expected 1..{len(cases)} labeled cases")
+    keep = set(cases[:labelnum])
+    count = 0
+    while count < len(slice_ids) and case_of(slice_ids[count]) in keep:
+        count += 1
+    return count
+
+
+def load_h5(path, ndim, num_classes):
+    """(image float32, label uint8, attrs dict) from an h5 file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: listed but not found")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("image", "label") if k not in f]
+            if missing:
+                raise KeyError(f"{path}: missing dataset(s) {missing}; expected 'image' and 'label'")
+            image = np.asarray(f["image"], dtype=np.float32)
+            label = np.asarray(f["label"])
+            attrs = {k: np.asarray(v) for k, v in f.attrs.items()}
+    except OSError as err:
+        raise OSError(f"{path}: not a readable h5 file ({err})") from err
+    if image.ndim != ndim or image.shape != label.shape:
+        raise ValueError(f"{path}: image {image.shape} and label {label.shape} must be equal {ndim}-D shapes")
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise ValueError(f"{path}: label values in [{label.min()}, {label.max()}], expected [0, {num_classes})")
+    return image, label.astype(np.uint8), attrs
+
+
+def resize_nearest(x, size):
+    """Nearest-neighbour resize of the last two axes of a tensor to ``size`` (h, w)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    out = F.interpolate(flat.float(), size=tuple(size), mode="nearest")
+    return out.reshape(*lead, *size).to(x.dtype)
+
+
+class SliceCache:
+    """All training slices of ``ids`` in memory, resized to ``image_size``: tensors
+    ``images`` (N,1,S,S) float32 and ``labels`` (N,S,S) uint8."""
+
+    def __init__(self, root, ids, image_size, num_classes):
+        root = check_root(root)
+        size = (image_size, image_size)
+        images, labels = [], []
+        for sid in ids:
+            image, label, _ = load_h5(root / "data" / "slices" / f"{sid}.h5", 2, num_classes)
+            images.append(resize_nearest(torch.from_numpy(image), size))
+            labels.append(resize_nearest(torch.from_numpy(label), size))
+        self.ids = list(ids)
+        self.images = torch.stack(images)[:, None]
+        self.labels = torch.stack(labels)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def to(self, device):
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+
+class AugmentedSlices(torch.utils.data.Dataset):
+    """Per-sample view of a SliceCache for DataLoader workers (the CPU augmentation path)."""
+
+    def __init__(self, cache, strong=True):
+        self.cache, self.strong = cache, strong
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, index):
+        out = augment(self.cache.images[index:index + 1], self.cache.labels[index:index + 1].long(),
+                      strong=self.strong)
+        return {k: v[0] for k, v in out.items()}
+
+
+class TwoStreamSampler:
+    """Endless batches of ``primary_bs`` indices from ``primary`` then ``secondary_bs`` from
+    ``secondary``; each stream is reshuffled whenever it runs out (no index repeats within
+    one pass of its stream)."""
+
+    def __init__(self, primary, secondary, primary_bs, secondary_bs, seed=0):
+        if primary_bs < 1 or primary_bs > len(primary):
+            raise ValueError(f"--labeled_bs {primary_bs}: expected 1..{len(primary)} (labeled slices)")
+        if secondary_bs < 0 or (secondary_bs and secondary_bs > len(secondary)):
+            raise ValueError(f"unlabeled batch {secondary_bs}: expected 0..{len(secondary)} (unlabeled slices)")
+        self.streams = [(np.asarray(primary), primary_bs), (np.asarray(secondary), secondary_bs)]
+        self.rng = np.random.default_rng(seed)
+
+    def _chunks(self, pool, size):
+        while True:
+            order = self.rng.permutation(pool)
+            for start in range(0, len(order) - size + 1, size):
+                yield order[start:start + size]
+
+    def __iter__(self):
+        gens = [self._chunks(pool, size) for pool, size in self.streams if size]
+        while True:
+            yield np.concatenate([next(g) for g in gens]).tolist()
+
+
+class BatchStream:
+    """Endless augmented training batches (dicts of tensors on ``device``).
+
+    ``aug_device='device'`` gathers raw slices from the in-memory cache and augments the whole
+    batch on ``device``; ``'loader'`` augments per sample in ``num_workers`` DataLoader workers
+    on the CPU and moves the batch afterwards (the paper repositories' path).
+    """
+
+    def __init__(self, cache, sampler, device, aug_device="device", num_workers=0, strong=True, seed=0):
+        if aug_device not in ("device", "loader"):
+            raise ValueError(f"--aug_device {aug_device!r}: expected 'device' or 'loader'")
+        self.device, self.aug_device, self.strong = torch.device(device), aug_device, strong
+        self.sampler = sampler
+        if aug_device == "device":
+            self.cache = cache.to(self.device)
+            self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        else:
+            self.loader = torch.utils.data.DataLoader(
+                AugmentedSlices(cache, strong), batch_sampler=sampler, num_workers=num_workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
+
+    def __iter__(self):
+        if self.aug_device == "loader":
+            for batch in self.loader:
+                yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            return
+        for index in self.sampler:
+            idx = torch.as_tensor(index, device=self.device)
+            yield augment(self.cache.images[idx], self.cache.labels[idx].long(), self.generator, self.strong)
+
+
+def load_volumes(root, split, num_classes):
+    """Evaluation volumes of ``split`` ('val' or 'test'): a list of dicts with ``case``,
+    ``image`` (D,H,W) float32, ``label`` (D,H,W) uint8 and ``attrs`` (h5 attributes)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"--split {split!r}: expected 'val' or 'test'")
+    root = check_root(root)
+    volumes = []
+    for case in read_list(root, f"{split}.list"):
+        image, label, attrs = load_h5(root / "data" / f"{case}.h5", 3, num_classes)
+        volumes.append({"case": case, "image": image, "label": label, "attrs": attrs})
+    return volumes
+
+
+def volume_spacing(attrs):
+    """Voxel spacing in array axis order (sz, sy, sx) from volume attributes, or None."""
+    if "spacing" not in attrs:
+        return None
+    spacing = tuple(float(s) for s in np.asarray(attrs["spacing"]).ravel())
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"volume attribute 'spacing' {spacing}: expected 3 positive values (sz, sy, sx)")
+    return spacing
+
+
+class TrainData:
+    """Training slices of a dataset root: the labeled head of train_slices.list and the rest.
+
+    ``labeled`` / ``unlabeled`` are index lists into ``cache`` (the unlabeled pool is every
+    slice after the labeled ones: the reference used only half, its defect D5).
+    """
+
+    def __init__(self, root, labelnum, image_size, num_classes, table=None):
+        root = check_root(root)
+        ids = read_list(root, "train_slices.list")
+        count = labeled_slice_count(ids, labelnum, table)
+        self.cache = SliceCache(root, ids, image_size, num_classes)
+        self.labeled = list(range(count))
+        self.unlabeled = list(range(count, len(ids)))
+
+    def stream(self, labeled_bs, unlabeled_bs, device, aug_device="device", num_workers=0, strong=True, seed=0):
+        sampler = TwoStreamSampler(self.labeled, self.unlabeled, labeled_bs, unlabeled_bs, seed)
+        return BatchStream(self.cache, sampler, device, aug_device, num_workers, strong, seed)

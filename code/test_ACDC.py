@@ -1,0 +1,16 @@
+"""Evaluate an ACDC checkpoint: Dice, Jaccard, HD95, ASD per class (RV, Myo, LV) and mean.
+
+    python code/test_ACDC.py --checkpoint model/ACDC_SSCD_7_labeled/best.pth --split test
+"""
+from utils.testing import run_test, test_parser
+
+CLASSES = ("RV", "Myo", "LV")
+
+
+def main(argv=None):
+    args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return run_test(args, CLASSES)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Labeled-only baseline on ACDC: the "U-Net (labeled only)" row of every results table.
+
+    python code/train_ACDC_supervised.py --root_path data/ACDC --labelnum 7
+"""
+from utils.config import base_parser, parse_args
+from utils.run import Run, train_supervised
+
+
+def main(argv=None):
+    parser = base_parser(__doc__.splitlines()[0], "ACDC", num_classes=4, labelnum=7)
+    parser.set_defaults(exp="ACDC_supervised")
+    run = Run(parse_args(parser, argv), "ACDC")
+    try:
+        train_supervised(run)
+    finally:
+        run.close()
+
+
+if __name__ == "__main__":
+    main()

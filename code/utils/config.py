@@ -1,0 +1,88 @@
+"""Command-line flags shared by every trainer, an optional YAML config, and run folders.
+
+Precedence: built-in defaults < ``--config file.yaml`` < flags given on the command line.
+The resolved configuration is saved as ``config.yaml`` beside the checkpoints.
+"""
+import argparse
+import os
+from pathlib import Path
+
+import yaml
+
+
+def base_parser(description, dataset, num_classes, labelnum):
+    """A parser with the flags every trainer shares (names as in SSL4MIS/BCP/ABD/SSCD)."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of flag values (command-line flags override it)")
+    p.add_argument("--root_path", default=None,
+                   help=f"{dataset} data root; when omitted a small synthetic data set in the same layout is "
+                        f"generated under data/ and used")
+    p.add_argument("--exp", default=f"{dataset}_run", help="experiment name (part of the default --save_dir)")
+    p.add_argument("--save_dir", default=None, help="output folder (default model/<exp>_<labelnum>_labeled)")
+    p.add_argument("--labelnum", type=int, default=labelnum, help="labeled patients/cases")
+    p.add_argument("--num_classes", type=int, default=num_classes)
+    p.add_argument("--image_size", type=int, default=256, help="network input size (slices are resized to it)")
+    p.add_argument("--max_iterations", type=int, default=30000, help="training iterations")
+    p.add_argument("--batch_size", type=int, default=24, help="labeled + unlabeled slices per iteration")
+    p.add_argument("--labeled_bs", type=int, default=12, help="labeled slices per iteration")
+    p.add_argument("--base_lr", type=float, default=0.01, help="SGD learning rate (constant, as the reference)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--val_interval", type=int, default=200, help="validate on val.list every N iterations")
+    p.add_argument("--log_interval", type=int, default=20, help="log scalars (and check the loss) every N iterations")
+    p.add_argument("--resume", action="store_true", help="continue the run in --save_dir from its last.pth")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--aug_device", choices=["device", "loader"], default="device",
+                   help="augment batched on --device, or per sample in DataLoader workers")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (with --aug_device loader)")
+    p.add_argument("--deterministic", type=int, default=1, choices=[0, 1],
+                   help="1: cudnn deterministic, no benchmark")
+    return p
+
+
+def _cuda():
+    import torch
+    return torch.cuda.is_available()
+
+
+def parse_args(parser, argv=None):
+    """Parse flags, applying ``--config`` YAML values as defaults first; checks the batch split."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        path = Path(pre.config)
+        if not path.is_file():
+            parser.error(f"--config {path}: file not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"--config {path}: expected a mapping of flag names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"--config {path}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    for action in parser._actions:  # argparse does not check defaults (YAML values) against choices
+        value = getattr(args, action.dest, None)
+        if action.choices is not None and value is not None and value not in action.choices:
+            parser.error(f"--{action.dest} {value!r}: expected one of {list(action.choices)}")
+    if not 0 < args.labeled_bs <= args.batch_size:
+        parser.error(f"--labeled_bs {args.labeled_bs} must be in 1..--batch_size ({args.batch_size})")
+    if args.image_size % 16:
+        parser.error(f"--image_size {args.image_size} must be divisible by 16")
+    for flag in ("max_iterations", "val_interval", "log_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be positive")
+    return args
+
+
+def resolve_save_dir(args):
+    """``--save_dir`` or ``model/<exp>_<labelnum>_labeled``."""
+    return Path(args.save_dir or os.path.join("model", f"{args.exp}_{args.labelnum}_labeled"))
+
+
+def save_config(args, folder):
+    """Write the resolved flags to ``folder/config.yaml`` and return them as a dict."""
+    config = {k: v for k, v in vars(args).items()}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
+    return config

@@ -1,0 +1,166 @@
+"""The training loop every trainer shares: steps, logging, validation, atomic checkpoints, resume.
+
+A trainer supplies ``step(iteration) -> dict of 0-d loss tensors`` (forward, backward and
+optimizer step done inside, the total under key ``"loss"``), the modules and optimizers to
+save, and ``validate() -> (score, scalars)`` for the model written as ``"model"``. The loop
+writes ``last.pth`` (every validation) and ``best.pth`` (best score on val.list) into
+``save_dir``; ``resume=True`` continues from ``last.pth``. Losses stay on the device between
+log intervals: the only host synchronisation is at logging/validation time, where a
+non-finite loss stops the run naming the first bad iteration (the checkpoints on disk are
+from before it).
+"""
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when a loss becomes NaN or infinite."""
+
+
+def seed_everything(seed, deterministic=True):
+    """Seed Python, NumPy and torch; cudnn deterministic when asked."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = bool(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def get_logger(save_dir, name):
+    """A logger writing to ``save_dir/log.txt`` and stdout (handlers replaced, never duplicated)."""
+    logger = logging.getLogger(f"sscd.{name}.{Path(save_dir).resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(Path(save_dir) / "log.txt"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def close_logger(logger):
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _state(models, optimizers, iteration, best, config, finished):
+    main = models["model"]
+    return {
+        "model": main.state_dict(),
+        "models": {k: m.state_dict() for k, m in models.items() if k != "model"},
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "iteration": iteration,
+        "best_dice": best[0],
+        "best_iteration": best[1],
+        "num_classes": main.num_classes,
+        "config": config,
+        "rng": rng_state(),
+        "finished": finished,
+    }
+
+
+def restore(path, models, optimizers):
+    """Load models, optimizers and RNG from a checkpoint written by ``train_loop``."""
+    state = load_checkpoint(path)
+    load_model_state(models["model"], state["model"], path)
+    for key, module in models.items():
+        if key == "model":
+            continue
+        if key not in state.get("models", {}):
+            raise CheckpointError(f"{path}: has no '{key}' weights; it was not written by this trainer")
+        load_model_state(module, state["models"][key], path)
+    for key, opt in optimizers.items():
+        if key not in state.get("optimizers", {}):
+            raise CheckpointError(f"{path}: has no optimizer state '{key}'")
+        try:
+            opt.load_state_dict(state["optimizers"][key])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: optimizer state '{key}' does not fit ({err})") from err
+    set_rng_state(state["rng"])
+    return state
+
+
+def train_loop(*, save_dir, iterations, step, models, optimizers, validate, config,
+               val_interval, log_interval, resume=False, logger=None, name="train", on_validate=None):
+    """Run ``iterations`` steps with validation and checkpoints; returns the final state dict.
+
+    ``on_validate(writer, iteration)`` may add images to tensorboard at each validation.
+    """
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    last_path, best_path = save_dir / "last.pth", save_dir / "best.pth"
+    start, best = 0, (-1.0, -1)
+    if resume and last_path.is_file():
+        state = restore(last_path, models, optimizers)
+        start, best = state["iteration"], (state["best_dice"], state["best_iteration"])
+        if logger:
+            logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
+        if state.get("finished"):
+            return state
+    writer = SummaryWriter(str(save_dir / "tb"))
+    device_sums, count = {}, 0
+    first_bad = None
+    t0 = time.time()
+    it = start
+    try:
+        for it in tqdm(range(start + 1, iterations + 1), initial=start, total=iterations, desc=name,
+                       dynamic_ncols=True, disable=not sys.stderr.isatty()):
+            for m in models.values():
+                m.train()
+            losses = step(it)
+            loss = losses["loss"]
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad, it, -1) if first_bad is None else torch.where(
+                (first_bad < 0) & bad, it, first_bad)
+            for k, v in losses.items():
+                device_sums[k] = device_sums.get(k, 0) + v.detach().float()
+            count += 1
+            is_val = it % val_interval == 0 or it == iterations
+            if it % log_interval == 0 or is_val:
+                bad_it = int(first_bad)
+                if bad_it >= 0:
+                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. "
+                                        f"The last good checkpoint is {last_path}")
+                means = {k: float(v) / count for k, v in device_sums.items()}
+                for k, v in means.items():
+                    writer.add_scalar(f"{name}/{k}", v, it)
+                for key, opt in optimizers.items():
+                    writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
+                if logger:
+                    text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+                    logger.info(f"[{name}] it {it}/{iterations} {text} ({(time.time() - t0) / max(count, 1):.3f}s/it)")
+                device_sums, count, t0 = {}, 0, time.time()
+            if is_val:
+                for m in models.values():
+                    m.eval()
+                score, scalars = validate()
+                for k, v in scalars.items():
+                    writer.add_scalar(f"{name}/val_{k}", v, it)
+                if on_validate:
+                    on_validate(writer, it)
+                improved = score > best[0]
+                if improved:
+                    best = (score, it)
+                state = _state(models, optimizers, it, best, config, finished=it == iterations)
+                if improved:
+                    save_checkpoint(state, best_path)
+                save_checkpoint(state, last_path)
+                if logger:
+                    logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]})")
+    finally:
+        writer.close()
+    return _state(models, optimizers, it, best, config, finished=True)

@@ -1,0 +1,144 @@
+"""Image geometry helpers: in-plane resizing, volume metadata, writing predictions back.
+
+Processed volumes (``<out>/data/<case>.h5``, see ``dataloaders.preprocess_promise12``) store an
+array of shape (D, S, S): every axial slice of the source image resized to S x S. They carry
+these attributes:
+
+- ``spacing``      (sz, sy, sx) voxel spacing of the stored (D, S, S) grid, in ARRAY axis order;
+- ``orig_spacing`` (x, y, z) spacing of the source image, SimpleITK order;
+- ``orig_size``    (x, y, z) size of the source image, SimpleITK order;
+- ``origin``       (x, y, z) origin of the source image;
+- ``direction``    9 floats, row-major direction matrix of the source image.
+
+The resize maps pixel centres to pixel centres (``scipy.ndimage.zoom`` with ``grid_mode=True``,
+identical to ``torch.nn.functional.interpolate(..., align_corners=False)``), so an in-plane pixel of
+the stored grid covers exactly ``orig_spacing * orig_extent / S`` millimetres.
+"""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+META_KEYS = ("spacing", "orig_spacing", "origin", "direction", "orig_size")
+
+
+def resize_slices(volume, out_hw, order):
+    """Resize every slice of a (D, H, W) array to (D, out_h, out_w).
+
+    ``order`` 1 = bilinear (images), 0 = nearest (labels). Pixel centres are aligned
+    (``grid_mode=True``), edges replicate. The depth axis is left untouched.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"resize_slices expects a (D, H, W) array, got shape {volume.shape}")
+    out_h, out_w = (int(v) for v in out_hw)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"resize_slices: output size must be positive, got {out_hw}")
+    if order not in (0, 1):
+        raise ValueError(f"resize_slices: order must be 0 (nearest) or 1 (bilinear), got {order}")
+    _, h, w = volume.shape
+    if (h, w) == (out_h, out_w):
+        return volume.copy()
+    factors = (1.0, out_h / h, out_w / w)
+    resized = ndimage.zoom(volume, factors, order=order, grid_mode=True, mode="nearest")
+    expected = (volume.shape[0], out_h, out_w)
+    if resized.shape != expected:
+        raise RuntimeError(f"resize_slices produced {resized.shape}, expected {expected}")
+    return resized
+
+
+def resized_spacing(orig_spacing, orig_size, out_hw):
+    """Spacing (sz, sy, sx) in array order of a volume whose slices were resized to out_hw.
+
+    ``orig_spacing`` and ``orig_size`` are in SimpleITK order (x, y, z).
+    """
+    sx, sy, sz = (float(v) for v in orig_spacing)
+    nx, ny, _ = (int(v) for v in orig_size)
+    out_h, out_w = (int(v) for v in out_hw)
+    return (sz, sy * ny / out_h, sx * nx / out_w)
+
+
+def load_volume_meta(h5_path):
+    """Geometry attributes of a processed volume file, as Python tuples.
+
+    Returns a dict holding whichever of ``spacing``, ``orig_spacing``, ``origin``, ``direction``
+    (floats) and ``orig_size`` (ints) the file carries; an empty dict for files without metadata
+    (e.g. the processed ACDC release).
+    """
+    path = Path(h5_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_volume_meta: no such file {path}")
+    with h5py.File(path, "r") as f:
+        meta = {}
+        for key in META_KEYS:
+            if key in f.attrs:
+                values = np.asarray(f.attrs[key]).ravel()
+                cast = int if key == "orig_size" else float
+                meta[key] = tuple(cast(v) for v in values)
+    return meta
+
+
+def _check_meta_lengths(meta):
+    """Raise if a metadata entry has the wrong number of values."""
+    expected = {"spacing": 3, "orig_spacing": 3, "origin": 3, "direction": 9, "orig_size": 3}
+    for key, n in expected.items():
+        if key in meta and len(meta[key]) != n:
+            raise ValueError(f"meta[{key!r}] must have {n} values, got {len(meta[key])}")
+
+
+def restore_original_geometry(pred, meta):
+    """Inverse of the preprocessing resize for a label volume: (D, S, S) -> (D, orig_y, orig_x).
+
+    Nearest-neighbour interpolation, so label values are preserved. ``meta`` must hold
+    ``orig_size`` (x, y, z); D must equal its z entry.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim != 3:
+        raise ValueError(f"restore_original_geometry expects a (D, S, S) array, got shape {pred.shape}")
+    if "orig_size" not in meta:
+        raise ValueError("restore_original_geometry: meta has no 'orig_size' (x, y, z)")
+    _check_meta_lengths(meta)
+    nx, ny, nz = meta["orig_size"]
+    if pred.shape[0] != nz:
+        raise ValueError(
+            f"restore_original_geometry: prediction has {pred.shape[0]} slices, "
+            f"meta['orig_size'] says {nz}")
+    return resize_slices(pred, (ny, nx), order=0)
+
+
+def write_label_image(pred, meta, path):
+    """Write a (D, H, W) label volume as an image file (e.g. ``.nii.gz``) with SimpleITK.
+
+    - ``meta`` with ``orig_size``: the prediction is restored to the original grid and written with
+      the original size, spacing, origin and direction, so it overlays the source image.
+    - ``meta`` with only ``spacing`` (array order, e.g. ACDC): written as is with that spacing.
+    - ``meta`` None or empty: identity geometry, spacing 1.
+    Labels are stored as uint8. Returns the written path.
+    """
+    pred = np.asarray(pred)
+    if pred.ndim != 3:
+        raise ValueError(f"write_label_image expects a (D, H, W) array, got shape {pred.shape}")
+    if pred.size and (pred.min() < 0 or pred.max() > 255 or not np.array_equal(pred, np.round(pred))):
+        raise ValueError("write_label_image: labels must be integers in [0, 255]")
+    meta = dict(meta or {})
+    _check_meta_lengths(meta)
+    if "orig_size" in meta:
+        array = restore_original_geometry(pred, meta)
+    else:
+        array = pred
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    if "orig_size" in meta:
+        for key in ("orig_spacing", "origin", "direction"):
+            if key not in meta:
+                raise ValueError(f"write_label_image: meta has 'orig_size' but no {key!r}")
+        image.SetSpacing(meta["orig_spacing"])
+        image.SetOrigin(meta["origin"])
+        image.SetDirection(meta["direction"])
+    elif "spacing" in meta:
+        image.SetSpacing(tuple(reversed(meta["spacing"])))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), True)
+    return path

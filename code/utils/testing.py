@@ -1,0 +1,117 @@
+"""The test-script pipeline shared by test_ACDC.py and test_PROMISE12.py.
+
+Loads a checkpoint (any device it was saved on), predicts every volume of ``--split``,
+optionally keeps the largest 3-D connected component per class (``--lcc``), computes Dice,
+Jaccard, HD95 and ASD per class with medpy (voxels; mm as well when the volumes carry a
+spacing), prints a table and writes ``summary.json``, ``cases.csv`` and one ``.nii.gz``
+prediction per case into ``--out``.
+"""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from dataloaders.dataset import load_volumes, volume_spacing
+from networks.unet import build_model
+from utils.checkpoint import load_checkpoint, load_model_state
+from utils.evaluation import evaluate_predictions, predict_volume
+from utils.geometry import load_volume_meta, write_label_image
+from utils.metrics import METRIC_NAMES, summarize
+
+
+def test_parser(description):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a best.pth/last.pth written by a trainer")
+    p.add_argument("--root_path", default=None, help="data root (default: the one the checkpoint was trained on)")
+    p.add_argument("--split", choices=["val", "test"], default="test",
+                   help="select models on val, report once on test")
+    p.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/eval_<split>)")
+    p.add_argument("--lcc", action="store_true", help="keep only the largest 3-D connected component per class")
+    p.add_argument("--workers", type=int, default=2, help="processes computing the metrics (0: in this process)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no_predictions", action="store_true", help="do not write .nii.gz predictions")
+    return p
+
+
+def largest_component_3d(volume, num_classes):
+    """Keep, for each foreground class, only its largest 26-connected component in the volume."""
+    out = np.zeros_like(volume)
+    for c in range(1, num_classes):
+        labels, n = ndimage.label(volume == c, structure=np.ones((3, 3, 3)))
+        if n:
+            sizes = np.bincount(labels.ravel())[1:]
+            out[labels == 1 + int(np.argmax(sizes))] = c
+    return out
+
+
+def load_trained_model(path, device):
+    """(model in eval mode, checkpoint state) from a trainer's checkpoint."""
+    state = load_checkpoint(path, map_location="cpu")
+    model = build_model(int(state["num_classes"]))
+    load_model_state(model, state["model"], path)
+    return model.to(device).eval(), state
+
+
+def _table(summary, classes):
+    head = f"{'class':<10}" + "".join(f"{m:>10}" for m in METRIC_NAMES)
+    rows = [head]
+    for i, name in enumerate(classes):
+        rows.append(f"{name:<10}" + "".join(f"{summary[m]['per_class'][i]:>10.4f}" for m in METRIC_NAMES))
+    rows.append(f"{'mean':<10}" + "".join(f"{summary[m]['mean']:>10.4f}" for m in METRIC_NAMES))
+    return "\n".join(rows)
+
+
+def run_test(args, class_names):
+    """Evaluate ``args.checkpoint`` on ``args.split``; returns the summary dict (also written)."""
+    device = torch.device(args.device)
+    model, state = load_trained_model(args.checkpoint, device)
+    config = state.get("config", {})
+    num_classes = int(state["num_classes"])
+    if len(class_names) != num_classes - 1:
+        raise SystemExit(f"{args.checkpoint}: a {num_classes}-class model, expected {len(class_names) + 1} classes")
+    root = args.root_path or config.get("root_path")
+    if not root:
+        raise SystemExit("--root_path is required: the checkpoint does not record its data root")
+    image_size = int(config.get("image_size", 256))
+    out = Path(args.out or Path(args.checkpoint).parent / f"eval_{args.split}")
+    out.mkdir(parents=True, exist_ok=True)
+    volumes = load_volumes(root, args.split, num_classes)
+    preds = []
+    for v in volumes:
+        pred = predict_volume(model, v["image"], image_size, device)
+        preds.append(largest_component_3d(pred, num_classes) if args.lcc else pred)
+    results = evaluate_predictions(preds, volumes, num_classes, args.workers)
+    summary = summarize([r[0] for r in results])
+    has_mm = all(r[1] is not None for r in results)
+    if has_mm:
+        mm = summarize([r[1] for r in results])
+        summary["hd95_mm"], summary["asd_mm"] = mm["hd95"], mm["asd"]
+    summary.update({"split": args.split, "cases": len(volumes), "checkpoint": str(args.checkpoint),
+                    "lcc": bool(args.lcc), "image_size": image_size, "classes": list(class_names),
+                    "distance_units": "voxels" + (" (mm in *_mm)" if has_mm else "")})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "cases.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        cols = [f"{m}_{c}" for c in class_names for m in METRIC_NAMES]
+        mm_cols = [f"{m}_mm_{c}" for c in class_names for m in ("hd95", "asd")] if has_mm else []
+        writer.writerow(["case"] + cols + mm_cols + ["mean_dice"])
+        for v, (vox, mmv) in zip(volumes, results):
+            row = [v["case"]] + [f"{cls[m]:.6f}" for cls in vox for m in METRIC_NAMES]
+            if has_mm:
+                row += [f"{cls[m]:.6f}" for cls in mmv for m in ("hd95", "asd")]
+            writer.writerow(row + [f"{np.mean([cls['dice'] for cls in vox]):.6f}"])
+    if not args.no_predictions:
+        pred_dir = out / "predictions"
+        pred_dir.mkdir(exist_ok=True)
+        for v, pred in zip(volumes, preds):
+            meta = load_volume_meta(Path(root) / "data" / f"{v['case']}.h5")
+            write_label_image(pred, meta, pred_dir / f"{v['case']}_pred.nii.gz")
+    print(f"{args.split}: {len(volumes)} cases, checkpoint {args.checkpoint}"
+          f" (distances in voxels{'; mm in summary.json' if has_mm else ''})")
+    print(_table(summary, class_names))
+    print(f"wrote {out / 'summary.json'}, {out / 'cases.csv'}")
+    return summary

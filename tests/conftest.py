@@ -1,0 +1,57 @@
+"""Shared fixtures.
+
+Real data: set ``SSCD_SHARED_DATA`` to the folder holding ``ACDC/`` and ``prostate/``
+(CI sets it to ``../shared/data``). Without it, the ACDC fixtures fall back to a small
+synthetic data set in exactly the ACDC layout, so the suite still exercises every path.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = REPO / "code"
+if str(CODE) not in sys.path:
+    sys.path.insert(0, str(CODE))
+
+
+def shared_data_dir():
+    """The real-data folder named by SSCD_SHARED_DATA, or None when unset."""
+    value = os.environ.get("SSCD_SHARED_DATA")
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_dir():
+        raise RuntimeError(f"SSCD_SHARED_DATA={value!r} is not a directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_acdc_root():
+    """Root of the real processed ACDC data, or None when SSCD_SHARED_DATA is unset."""
+    base = shared_data_dir()
+    return None if base is None else base / "ACDC"
+
+
+@pytest.fixture(scope="session")
+def real_prostate_root():
+    """Root of the real prostate MRI (PROMISE12 layout), or None when SSCD_SHARED_DATA is unset."""
+    base = shared_data_dir()
+    return None if base is None else base / "prostate"
+
+
+@pytest.fixture(scope="session")
+def acdc_root(real_acdc_root, tmp_path_factory):
+    """The real ACDC root when SSCD_SHARED_DATA is set, else a generated synthetic set in the same layout."""
+    if real_acdc_root is not None:
+        return real_acdc_root
+    from dataloaders.synthetic import make_synthetic_acdc
+    return make_synthetic_acdc(tmp_path_factory.mktemp("synthetic_acdc"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic ACDC-layout data set (always generated, never the real data)."""
+    from dataloaders.synthetic import make_synthetic_acdc
+    return make_synthetic_acdc(tmp_path_factory.mktemp("synthetic"))

@@ -1,0 +1,99 @@
+"""Tests for networks.unet: size, output shapes, the three deep-supervision heads, input checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from networks.unet import UNet, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(4)
+
+
+def test_parameter_count_is_pymic_size(model):
+    total = sum(p.numel() for p in model.parameters())
+    assert abs(total - 1.8e6) <= 0.05 * 1.8e6, total
+    # the three heads are small 3x3 convolutions on top of the PyMIC body
+    heads = sum(p.numel() for p in model.heads.parameters())
+    assert heads == sum(9 * ch * 4 + 4 for ch in (128, 64, 32))
+
+
+def test_build_model_sets_classes_and_channels():
+    m = build_model(2, in_chns=3)
+    assert isinstance(m, UNet) and m.num_classes == 2
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.zeros(1, 3, 32, 32)).shape == (1, 2, 32, 32)
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_output_shapes(model, size):
+    model.eval()
+    x = torch.rand(2, 1, size, size)
+    with torch.no_grad():
+        logits = model(x)
+        main, heads = model(x, heads=True)
+    assert logits.shape == (2, 4, size, size)
+    assert torch.equal(logits, main)  # heads=True does not change the main output
+    assert isinstance(heads, list) and len(heads) == 3
+    for h in heads:
+        assert h.shape == (2, 4, size, size)
+
+
+def test_non_square_input(model):
+    model.eval()
+    with torch.no_grad():
+        main, heads = model(torch.rand(1, 1, 64, 96), heads=True)
+    assert main.shape == (1, 4, 64, 96)
+    assert all(h.shape == (1, 4, 64, 96) for h in heads)
+
+
+def test_heads_order_is_half_quarter_eighth(model):
+    """heads[0] comes from the 1/2-scale decoder level, heads[1] from 1/4, heads[2] from 1/8."""
+    model.eval()
+    raw = {}
+    hooks = [head.register_forward_hook(lambda mod, inp, out, i=i: raw.__setitem__(i, out))
+             for i, head in enumerate(model.heads)]
+    try:
+        with torch.no_grad():
+            _, heads = model(torch.rand(1, 1, 64, 64), heads=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    sizes = {i: out.shape[-1] for i, out in raw.items()}
+    by_scale = {64 // s: i for i, s in sizes.items()}
+    assert sorted(by_scale) == [2, 4, 8]
+    for j, scale in enumerate((2, 4, 8)):
+        expected = F.interpolate(raw[by_scale[scale]], size=(64, 64), mode="bilinear", align_corners=False)
+        assert torch.allclose(heads[j], expected, atol=1e-6), f"heads[{j}] is not the 1/{scale} head"
+
+
+def test_heads_are_differentiable(model):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x = torch.rand(2, 1, 32, 32)
+    _, heads = model(x, heads=True)
+    sum(h.square().mean() for h in heads).backward()
+    for i, head in enumerate(model.heads):
+        assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0, f"no gradient at head {i}"
+    # the heads loss reaches the shared encoder too, but not the main output conv
+    assert model.in_conv[0].weight.grad.abs().sum() > 0
+    assert model.out_conv.weight.grad is None
+
+
+def test_main_output_gradient_does_not_touch_heads(model):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(torch.rand(2, 1, 32, 32)).mean().backward()
+    assert model.out_conv.weight.grad.abs().sum() > 0
+    assert all(h.weight.grad is None for h in model.heads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 40, 48), (1, 1, 48, 40), (1, 1, 100, 100), (1, 1, 8, 8)])
+def test_sizes_not_divisible_by_16_rejected(model, shape):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.rand(*shape))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.rand(*shape), heads=True)
