@@ -4,13 +4,13 @@
 """
 from utils.config import base_parser, parse_args
 from utils.run import Run
-from utils.sscd_train import add_sscd_args, check_sscd_args, train_sscd
+from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, train_sscd
 
 
 def main(argv=None):
     parser = add_sscd_args(base_parser(__doc__.splitlines()[0], "ACDC", num_classes=4, labelnum=7))
     parser.set_defaults(exp="ACDC_SSCD", max_iterations=None)
-    args = parse_args(parser, argv)
+    args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
     run = Run(args, "ACDC")
     try:

@@ -103,6 +103,7 @@ def test_strong_view_shares_geometry_and_cuts_label():
     assert strong.shape == images.shape and strong.min() >= 0 and strong.max() <= 1
     # outside the box the jitter is one monotone map per sample: the strong image is a function
     # of the (aligned) weak label there, and ordered like it
+    jittered = 0
     for i in range(n):
         keep = ~box[i]
         values = strong[i, 0][keep]
@@ -114,6 +115,11 @@ def test_strong_view_shares_geometry_and_cuts_label():
             assert torch.allclose(v, v[0].expand_as(v), atol=1e-6), f"sample {i}: class {c} not uniform"
             levels.append(float(v[0]))
         assert levels == sorted(levels), f"sample {i}: jitter is not monotone"
+        jittered += not torch.allclose(values, out["image"][i, 0][keep])
+        # inside the box: jittered 0/1 noise, two levels whatever the pattern underneath
+        if box[i].sum() >= 16:
+            assert len(strong[i, 0][box[i]].unique()) == 2, f"sample {i}: the image was not cut out"
+    assert jittered == n  # brightness/contrast factors are never exactly 1
 
 
 def test_strong_cutout_content_is_binary_noise_before_jitter():

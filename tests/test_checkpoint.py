@@ -153,6 +153,12 @@ def test_mismatched_weights_rejected(tmp_path):
     model = build_model(4)
     with pytest.raises(CheckpointError, match=r"two\.pth: weights do not fit this network"):
         load_model_state(model, state["model"], path)
+    # missing or unexpected keys are mismatches too
+    partial = {k: v for k, v in state["model"].items() if not k.startswith("heads.")}
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_model_state(build_model(2), partial, path)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_model_state(build_model(2), {**state["model"], "extra.weight": torch.zeros(1)}, path)
     # a matching model loads, and the weights are the saved ones
     other = build_model(2)
     load_model_state(other, state["model"], path)

@@ -15,7 +15,8 @@ import yaml
 import train_ACDC_supervised
 import utils.run
 from utils.checkpoint import load_checkpoint
-from utils.engine import NonFiniteLoss, train_loop
+import utils.engine
+from utils.engine import NonFiniteLoss, close_logger, get_logger, train_loop
 
 SCRIPT = Path(__file__).resolve().parents[1] / "code" / "train_ACDC_supervised.py"
 
@@ -84,9 +85,11 @@ def test_run_writes_its_outputs(finished_run, synthetic_root):
 def test_resume_after_finished_run_does_nothing(finished_run, synthetic_root):
     save = finished_run
     before = {n: digest(save / n) for n in ("last.pth", "best.pth")}
+    tb_before = sorted(p.name for p in (save / "tb").iterdir())
     log_before = (save / "log.txt").read_text()
     train_ACDC_supervised.main(tiny_args(synthetic_root, save, 6, 3, 2, "--resume"))
     assert {n: digest(save / n) for n in ("last.pth", "best.pth")} == before
+    assert sorted(p.name for p in (save / "tb").iterdir()) == tb_before
     added = (save / "log.txt").read_text()[len(log_before):]
     assert f"resumed from {save / 'last.pth'} at iteration 6" in added
     assert not re.search(r"\bit \d+/", added) and "val Dice" not in added.split("resumed from")[0]
@@ -132,7 +135,7 @@ def test_train_loop_reports_first_bad_iteration_even_if_it_recovers(tmp_path):
         value = math.inf if it == 3 else 1.0 / it
         return {"loss": model.w.sum() * 0 + value, "part": torch.tensor(float(it))}
 
-    with pytest.raises(NonFiniteLoss, match=r"iteration 3;"):
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3; stopping\. No checkpoint was written"):
         train_loop(save_dir=tmp_path, iterations=20, step=step, models={"model": model},
                    optimizers={"model": opt}, validate=lambda: (0.5, {}), config={},
                    val_interval=8, log_interval=100)
@@ -151,6 +154,76 @@ def test_train_loop_validation_and_best_selection(tmp_path):
     best, last = load_checkpoint(tmp_path / "best.pth"), load_checkpoint(tmp_path / "last.pth")
     assert best["iteration"] == 6 and best["best_dice"] == pytest.approx(0.7)
     assert last["iteration"] == 7 and last["best_iteration"] == 6 and last["finished"]
+
+
+def test_seconds_per_iteration_exclude_validation(tmp_path, monkeypatch):
+    """A fake clock: 1 s per step, 100 s per validation; every logged rate must be 1 s/it."""
+    clock = [0.0]
+
+    class FakeTime:
+        @staticmethod
+        def time():
+            return clock[0]
+
+    monkeypatch.setattr(utils.engine, "time", FakeTime)
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def step(it):
+        clock[0] += 1.0
+        return {"loss": model.w.sum() * 0 + 1.0}
+
+    def validate():
+        clock[0] += 100.0
+        return 0.5, {}
+
+    logger = get_logger(tmp_path, "clock")
+    try:
+        train_loop(save_dir=tmp_path, iterations=8, step=step, models={"model": model}, optimizers={"model": opt},
+                   validate=validate, config={}, val_interval=4, log_interval=2, logger=logger)
+    finally:
+        close_logger(logger)
+    rates = re.findall(r"it \d+/8 .*\(([\d.]+)s/it\)", (tmp_path / "log.txt").read_text())
+    assert rates == ["1.000"] * 4
+
+
+def _rng_run(save_dir, iterations, crash_at=None):
+    """train_loop on a tiny model whose step draws from the global torch RNG; returns (weights, draws)."""
+    model = Tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    draws = {}
+
+    def step(it):
+        if it == crash_at:
+            raise KeyboardInterrupt  # the process dies here
+        x = torch.rand(3)
+        draws[it] = x.tolist()
+        loss = (model.w * x).sum() ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss}
+
+    train_loop(save_dir=save_dir, iterations=iterations, step=step, models={"model": model},
+               optimizers={"model": opt}, validate=lambda: (float(-model.w.detach().sum()), {}), config={},
+               val_interval=2, log_interval=2, resume=True)
+    return model.w.detach().clone(), draws
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Killed after the iteration-4 checkpoint, resumed: weights, optimizer and RNG continue as if
+    the run had never stopped."""
+    torch.manual_seed(0)
+    w_full, draws_full = _rng_run(tmp_path / "full", 7)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        _rng_run(tmp_path / "cut", 7, crash_at=6)
+    torch.manual_seed(123)  # a fresh process: different RNG until the checkpoint restores it
+    w_resumed, draws_resumed = _rng_run(tmp_path / "cut", 7)
+    assert sorted(draws_resumed) == [5, 6, 7]
+    assert all(draws_resumed[i] == draws_full[i] for i in (5, 6, 7))
+    assert torch.equal(w_resumed, w_full)
+    assert load_checkpoint(tmp_path / "cut" / "last.pth")["iteration"] == 7
 
 
 def test_sigkill_then_resume(synthetic_root, tmp_path):

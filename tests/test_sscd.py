@@ -358,6 +358,164 @@ def test_cgsr_errors():
         cgsr(x_w, x_s[:1], hw, hs, cw, cs, PATCH, top_num=2, kl_prob=0.5)
 
 
+
+# ---------------------------------------------------------------- CGSR: ABD direction, square paste
+# easy_into_hard on the tables above: dst = hardest region of the view itself, src = easiest (plain)
+# or KL-chosen candidate (KL) of the other view.
+ABD_PLAIN = {"dst_w": [0, 3], "src_s": [2, 0], "dst_s": [1, 2], "src_w": [1, 2]}
+# KL, image 0: src_s = c* for p_w[b=0]=(.3,.7) among s-candidates 2 (.9,.1) KL 1.033 /
+#              0 (.25,.75) KL 0.0064 -> 0;
+#              src_w = a* for p_s[d=1]=(.9,.1) among w-candidates 1 (.1,.9) KL 1.758 /
+#              3 (.8,.2) KL 0.0367 -> 3
+#     image 1: src_s for p_w[3]=(.2,.8) among 0 (.9,.1) KL 1.363 / 1 (.3,.7) KL 0.0257 -> 1;
+#              src_w for p_s[2]=(.5,.5) among 2 (.95,.05) KL 0.830 / 0 (.6,.4) KL 0.0204 -> 0
+# (every KL pick differs from the plain easiest region, so the branches are distinguishable)
+ABD_KL = {"dst_w": [0, 3], "src_s": [0, 1], "dst_s": [1, 2], "src_w": [3, 0]}
+
+
+def _expected_square(x_dst, x_src, dst, src):
+    out = x_dst.clone()
+    for i in range(x_dst.shape[0]):
+        ys, xs = _region(int(dst[i]))
+        ys2, xs2 = _region(int(src[i]))
+        out[i, 0, ys, xs] = x_src[i, 0, ys2, xs2]
+    return out
+
+
+def _square_mask(dst):
+    m = torch.zeros(len(dst), 1, 8, 8, dtype=torch.bool)
+    for i, r in enumerate(dst):
+        ys, xs = _region(int(r))
+        m[i, 0, ys, xs] = True
+    return m
+
+
+def _check_square_paste(s2w, w2s, x_w, x_s, table):
+    # exactly the whole destination square changed (x_w > 0 and x_s < 0 everywhere), it holds the
+    # other view of the same image at the source region, and nothing else changed
+    assert torch.equal(s2w != x_w, _square_mask(table["dst_w"]))
+    assert torch.equal(w2s != x_s, _square_mask(table["dst_s"]))
+    assert torch.equal(s2w, _expected_square(x_w, x_s, table["dst_w"], table["src_s"]))
+    assert torch.equal(w2s, _expected_square(x_s, x_w, table["dst_s"], table["src_w"]))
+
+
+@pytest.mark.parametrize("kl_prob,table", [(0.0, ABD_PLAIN), (1.0, ABD_KL)])
+def test_cgsr_easy_into_hard_square_branches(kl_prob, table):
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs()
+    originals = [t.clone() for t in (x_w, x_s, hw, hs, cw, cs)]
+    s2w, w2s, info = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=kl_prob,
+                          generator=torch.Generator().manual_seed(0),
+                          direction="easy_into_hard", paste="square")
+    for key in ("dst_w", "src_s", "dst_s", "src_w"):
+        assert info[key].tolist() == table[key], key
+    assert info["kl_branch"].tolist() == [kl_prob == 1.0] * 2
+    _check_square_paste(s2w, w2s, x_w, x_s, table)
+    for i in range(2):
+        assert int((s2w[i] != x_w[i]).sum()) == PATCH * PATCH
+        assert int((w2s[i] != x_s[i]).sum()) == PATCH * PATCH
+    for before, after in zip(originals, (x_w, x_s, hw, hs, cw, cs)):
+        assert torch.equal(before, after)                             # inputs untouched
+
+
+def test_cgsr_easy_into_hard_disc_uses_same_regions():
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs()
+    s2w, w2s, info = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=1.0,
+                          direction="easy_into_hard")                 # paste defaults to 'disc'
+    assert {k: info[k].tolist() for k in ABD_KL} == ABD_KL
+    assert torch.equal(s2w, _expected(x_w, x_s, ABD_KL["dst_w"], ABD_KL["src_s"]))
+    assert torch.equal(w2s, _expected(x_s, x_w, ABD_KL["dst_s"], ABD_KL["src_w"]))
+
+
+def test_cgsr_easy_into_hard_random_branch_per_image():
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs(repeat=4)                 # 8 images
+    s2w, w2s, info = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=0.5,
+                          generator=torch.Generator().manual_seed(1),
+                          direction="easy_into_hard", paste="square")
+    branch = info["kl_branch"].tolist()
+    assert any(branch) and not all(branch)
+    ref = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=0.5,
+               generator=torch.Generator().manual_seed(1))            # same Bernoulli draws
+    assert ref[2]["kl_branch"].tolist() == branch
+    for i, kl in enumerate(branch):
+        table = ABD_KL if kl else ABD_PLAIN
+        for key in ("dst_w", "src_s", "dst_s", "src_w"):
+            assert int(info[key][i]) == table[key][i % 2]
+    _check_square_paste(s2w, w2s, x_w, x_s, {k: info[k].tolist() for k in ABD_KL})
+
+
+def test_cgsr_easy_into_hard_kl_direction_by_hand():
+    # same descriptors as test_cgsr_kl_direction_and_normalisation:
+    # KL(p||q1) = 0.1907 > KL(p||q2) = 0.1168 -> q2; the reverse KL would pick q1, the plain
+    # branch the easiest candidate (also q1's region)
+    p, q1, q2, u = [0.5, 0.4, 0.1], [0.7, 0.29, 0.01], [0.4, 0.3, 0.3], [1 / 3] * 3
+    hard_w = torch.tensor([[0.8, 0.3, 0.0, 0.1]])    # b = 0 (p), candidates (2 q1, 3 q2)
+    hard_s = torch.tensor([[0.1, 0.9, 0.2, 0.3]])    # d = 1 (p), candidates (0 q1, 2 q2)
+    cls_w = torch.tensor([[p, u, q1, q2]]).transpose(1, 2).reshape(1, 3, 2, 2)
+    cls_s = torch.tensor([[q1, p, q2, u]]).transpose(1, 2).reshape(1, 3, 2, 2)
+    x_w = torch.arange(1.0, 65.0).view(1, 1, 8, 8)
+    x_s = -x_w
+    s2w, w2s, info = cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, PATCH, top_num=2, kl_prob=1.0,
+                          direction="easy_into_hard", paste="square")
+    table = {"dst_w": [0], "src_s": [2], "dst_s": [1], "src_w": [3]}
+    assert {k: info[k].tolist() for k in table} == table
+    _check_square_paste(s2w, w2s, x_w, x_s, table)
+    # x_w[0] <- x_s[2] (rows 4-7, cols 0-3); x_s[1] <- x_w[3] (rows 4-7, cols 4-7)
+    assert torch.equal(s2w[0, 0, :4, :4], x_s[0, 0, 4:, :4])
+    assert torch.equal(w2s[0, 0, :4, 4:], x_w[0, 0, 4:, 4:])
+    _, _, plain = cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, PATCH, top_num=2, kl_prob=0.0,
+                       direction="easy_into_hard", paste="square")
+    assert plain["src_s"].tolist() == [0] and plain["src_w"].tolist() == [2]
+
+
+def test_cgsr_easy_into_hard_true_swap_reads_originals():
+    # top_num = R and matching descriptors make a* = b and c* = d: the hardest regions of the two
+    # views are exchanged; each side must receive the other's ORIGINAL content
+    x_w, x_s, _, _, _, _ = _cgsr_inputs()
+    x_w, x_s = x_w[:1], x_s[:1]
+    hard_w = torch.tensor([[0.9, 0.1, 0.2, 0.3]])                    # b = 0
+    hard_s = torch.tensor([[0.1, 0.9, 0.2, 0.3]])                    # d = 1
+    a, b = [0.9, 0.1], [0.1, 0.9]
+    cls_w = torch.tensor([[a, b, b, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
+    cls_s = torch.tensor([[b, a, b, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
+    s2w, w2s, info = cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, PATCH, top_num=4, kl_prob=1.0,
+                          direction="easy_into_hard", paste="square")
+    table = {"dst_w": [0], "src_s": [1], "dst_s": [1], "src_w": [0]}
+    assert {k: info[k].tolist() for k in table} == table
+    _check_square_paste(s2w, w2s, x_w, x_s, table)
+
+
+@pytest.mark.parametrize("kl_prob,table", [(0.0, PLAIN), (1.0, KL)])
+def test_cgsr_hard_into_easy_square(kl_prob, table):
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs()
+    s2w, w2s, info = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=kl_prob,
+                          direction="hard_into_easy", paste="square")
+    for key in ("dst_w", "src_s", "dst_s", "src_w"):
+        assert info[key].tolist() == table[key], key
+    _check_square_paste(s2w, w2s, x_w, x_s, table)
+
+
+def test_cgsr_defaults_are_hard_into_easy_disc():
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs()
+    default = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=0.5,
+                   generator=torch.Generator().manual_seed(2))
+    explicit = cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, kl_prob=0.5,
+                    generator=torch.Generator().manual_seed(2),
+                    direction="hard_into_easy", paste="disc")
+    assert torch.equal(default[0], explicit[0]) and torch.equal(default[1], explicit[1])
+    for key in default[2]:
+        assert torch.equal(default[2][key], explicit[2][key])
+
+
+def test_cgsr_bad_direction_or_paste():
+    x_w, x_s, hw, hs, cw, cs = _cgsr_inputs()
+    for bad in ("abd", "easy-into-hard", None):
+        with pytest.raises(ValueError, match="direction"):
+            cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, direction=bad)
+    for bad in ("circle", "Square", None):
+        with pytest.raises(ValueError, match="paste"):
+            cgsr(x_w, x_s, hw, hs, cw, cs, PATCH, top_num=2, paste=bad)
+
+
 # ---------------------------------------------------------------- pseudo-labels
 def test_largest_component_per_class():
     lab = torch.zeros(2, 6, 6, dtype=torch.long)

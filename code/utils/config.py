@@ -45,8 +45,13 @@ def _cuda():
     return torch.cuda.is_available()
 
 
-def parse_args(parser, argv=None):
-    """Parse flags, applying ``--config`` YAML values as defaults first; checks the batch split."""
+def parse_args(parser, argv=None, presets=None):
+    """Parse flags: built-in defaults < the ``--method`` preset < ``--config`` YAML < command line.
+
+    ``presets`` maps a ``--method`` value to the flag defaults it sets; a preset only sets
+    flags, so every value stays overridable and the saved config shows the resolved values.
+    """
+    values = {}
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         path = Path(pre.config)
@@ -59,6 +64,10 @@ def parse_args(parser, argv=None):
         unknown = sorted(set(values) - known)
         if unknown:
             parser.error(f"--config {path}: unknown keys {unknown}")
+        parser.set_defaults(**values)
+    if presets is not None:
+        method = parser.parse_known_args(argv)[0].method
+        parser.set_defaults(**presets[method])
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     for action in parser._actions:  # argparse does not check defaults (YAML values) against choices

@@ -133,8 +133,9 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             if it % log_interval == 0 or is_val:
                 bad_it = int(first_bad)
                 if bad_it >= 0:
-                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. "
-                                        f"The last good checkpoint is {last_path}")
+                    saved = (f"The last good checkpoint is {last_path}" if last_path.is_file()
+                             else "No checkpoint was written")
+                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. {saved}")
                 means = {k: float(v) / count for k, v in device_sums.items()}
                 for k, v in means.items():
                     writer.add_scalar(f"{name}/{k}", v, it)
@@ -161,6 +162,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                 save_checkpoint(state, last_path)
                 if logger:
                     logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]})")
+                t0 = time.time()  # the next s/it excludes validation and checkpoint writing
     finally:
         writer.close()
     return _state(models, optimizers, it, best, config, finished=True)

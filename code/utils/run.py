@@ -1,5 +1,6 @@
 """Run set-up shared by the trainers: dataset root (or the synthetic default), output folder,
 logger, seeds, the saved config, and the supervised (labeled-only) training step."""
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ SYNTHETIC_ROOT = Path("data") / "synthetic_ACDC"
 SYNTHETIC_PATIENTS = 20
 # labeled-slice tables per dataset; None = count the slices of the first --labelnum cases
 LABEL_TABLES = {"ACDC": ACDC_LABELED_SLICES, "PROMISE12": None}
+# datasets whose raw files must be converted first: the command, shown when --root_path is not converted
+PREPROCESS_COMMANDS = {"PROMISE12": "python code/dataloaders/preprocess_promise12.py --raw {root} --out <folder> "
+                                    "--image_size {size}"}
 
 
 class Run:
@@ -35,11 +39,28 @@ class Run:
             args.root_path = str(make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS))
             self.logger.info(f"no --root_path given: using the synthetic ACDC-layout data in {args.root_path} "
                              f"({SYNTHETIC_PATIENTS} patients; --labelnum counts patients, not the ACDC table)")
-        self.root = check_root(args.root_path)
+        self.root = check_root(args.root_path).resolve()
+        args.root_path = str(self.root)
+        self._check_preprocessed()
         self.device = torch.device(args.device)
         seed_everything(args.seed, args.deterministic)
         self.config = save_config(args, self.save_dir)
         self.logger.info(f"save_dir: {self.save_dir}")
+
+    def _check_preprocessed(self):
+        """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
+        preprocessed at another size than --image_size (they would be resized again, nearest neighbour)."""
+        command = PREPROCESS_COMMANDS.get(self.dataset)
+        if command and not (self.root / "train_slices.list").is_file():
+            self.close()
+            raise SystemExit(f"--root_path {self.root}: no train_slices.list; convert the {self.dataset} files "
+                             f"first: " + command.format(root=self.root, size=self.args.image_size))
+        info = self.root / "dataset.json"
+        if info.is_file():
+            size = json.loads(info.read_text()).get("image_size")
+            if size is not None and int(size) != self.args.image_size:
+                self.logger.warning(f"{info}: slices were preprocessed at {size}x{size}, --image_size is "
+                                    f"{self.args.image_size}: they are resized again (nearest neighbour)")
 
     def train_data(self):
         a = self.args
@@ -63,9 +84,11 @@ class Run:
         close_logger(self.logger)
 
 
-def train_supervised(run):
-    """Labeled-only baseline: CE + Dice on ``--labeled_bs`` labeled slices per iteration (weak aug)."""
+def train_supervised(run, iterations=None):
+    """Labeled-only baseline: CE + Dice on ``--labeled_bs`` labeled slices per iteration (weak aug),
+    for ``iterations`` (default ``--max_iterations``)."""
     a = run.args
+    iterations = iterations or a.max_iterations
     data, volumes = run.train_data(), run.val_volumes()
     model = run.model()
     opt = run.optimizer(model)
@@ -79,7 +102,7 @@ def train_supervised(run):
         opt.step()
         return {"loss": loss}
 
-    state = train_loop(save_dir=run.save_dir, iterations=a.max_iterations, step=step, models={"model": model},
+    state = train_loop(save_dir=run.save_dir, iterations=iterations, step=step, models={"model": model},
                        optimizers={"model": opt}, validate=run.validator(model, volumes), config=run.config,
                        val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
                        logger=run.logger, name="supervised")

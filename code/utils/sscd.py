@@ -32,6 +32,8 @@ __all__ = [
 DEFAULT_HCA_SCHEDULE = "1,0,0,0;.5,.5,0,0;0,.5,.5,0;0,0,.5,.5;0,0,0,1"
 HCA_COMBINES = ("max_softmax", "logits")
 RANK_BY = ("confidence", "contrast")
+_CGSR_DIRECTIONS = ("hard_into_easy", "easy_into_hard")
+_CGSR_PASTES = ("disc", "square")
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +272,8 @@ def _as_distribution(cls):
     return d / d.sum(dim=-1, keepdim=True)
 
 
-def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, generator=None):
+def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, generator=None,
+         direction="hard_into_easy", paste="disc"):
     """Confidence-guided semantic replacement between pixel-aligned weak and strong mixed images.
 
     x_w, x_s: (B, C, H, W) (C = 1 for images); hard_w, hard_s: (B, R) hardness per region,
@@ -289,14 +292,35 @@ def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, 
     * plain swap: x_s[i]'s hardest region into x_w[i]'s easiest region, x_w[i]'s hardest region
       into x_s[i]'s easiest region (discs as above).
 
+    The above is ``direction='hard_into_easy'`` (SSCD, default). ``direction='easy_into_hard'`` is
+    ABD's bidirectional patch displacement (ABD-I, ``ABD_I_BCP``): each view's hardest region is
+    *replaced* by a confident region of the other view:
+
+    * KL-guided: b = hardest region of x_w[i], d = hardest region of x_s[i]; c* = the one of
+      x_s[i]'s ``top_num`` easiest regions minimising KL(p_w[b] || p_s[c]), a* = the one of
+      x_w[i]'s ``top_num`` easiest minimising KL(p_s[d] || p_w[a]); x_w[i][b] <- x_s[i][c*] and
+      x_s[i][d] <- x_w[i][a*] (read from the unmodified input).
+    * plain: x_w[i]'s hardest region <- x_s[i]'s easiest, x_s[i]'s hardest <- x_w[i]'s easiest.
+
+    ``paste='disc'`` (default) blends the source into the destination through ``disc_mask``;
+    ``paste='square'`` replaces the whole ``patch x patch`` destination square (as ABD).
+    ABD ranks by mean confidence: pass ``region_hardness(conf, patch, 'confidence')`` as hard_w /
+    hard_s, so that "hardest" = least confident and "easiest" = most confident.
+
     Ties: hardest = first maximum, easiest/candidates by a stable ascending sort (earlier region
     first), KL ties -> earlier candidate. Sources always come from the other view of the *same*
-    image (no batch cross-indexing, defect D6). Inputs are not modified.
+    image (no batch cross-indexing, defect D6). Inputs are not modified. ValueError on an unknown
+    ``direction`` or ``paste``.
 
     Returns ``(x_s2w, x_w2s, info)``: x_s2w = x_w carrying strong content, x_w2s = x_s carrying
-    weak content, info = dict of (B,) long tensors ``dst_w, src_s, dst_s, src_w`` (region indices)
-    and a (B,) bool tensor ``kl_branch``.
+    weak content, info = dict of (B,) long tensors ``dst_w, src_s, dst_s, src_w`` (region indices:
+    x_s[i][src_s] was pasted into x_w[i] at dst_w, x_w[i][src_w] into x_s[i] at dst_s; in both
+    directions) and a (B,) bool tensor ``kl_branch``.
     """
+    if direction not in _CGSR_DIRECTIONS:
+        raise ValueError(f"direction must be one of {_CGSR_DIRECTIONS}, got {direction!r}")
+    if paste not in _CGSR_PASTES:
+        raise ValueError(f"paste must be one of {_CGSR_PASTES}, got {paste!r}")
     if x_w.dim() != 4 or x_w.shape != x_s.shape:
         raise ValueError(f"x_w and x_s must be equal (B, C, H, W), got {tuple(x_w.shape)}, {tuple(x_s.shape)}")
     b, c, h, w = x_w.shape
@@ -323,8 +347,8 @@ def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, 
 
     hard_w = hard_w.detach()
     hard_s = hard_s.detach()
-    src_w = hard_w.argmax(dim=1)                       # b: hardest weak region
-    src_s = hard_s.argmax(dim=1)                       # d: hardest strong region
+    hardest_w = hard_w.argmax(dim=1)                   # b: hardest weak region
+    hardest_s = hard_s.argmax(dim=1)                   # d: hardest strong region
     cand_w = torch.sort(hard_w, dim=1, stable=True).indices[:, :top_num]
     cand_s = torch.sort(hard_s, dim=1, stable=True).indices[:, :top_num]
 
@@ -332,12 +356,14 @@ def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, 
     p_s = _as_distribution(cls_s.detach())
     q_w = p_w[rows[:, None], cand_w]                   # (B, top_num, K)
     q_s = p_s[rows[:, None], cand_s]
-    kl_a = _kl_rows(p_s[rows, src_s], q_w)             # KL(p_s[d] || p_w[a])
-    kl_c = _kl_rows(p_w[rows, src_w], q_s)             # KL(p_w[b] || p_s[c])
-    best_a = cand_w[rows, kl_a.argmin(dim=1)]
-    best_c = cand_s[rows, kl_c.argmin(dim=1)]
-    dst_w = torch.where(kl_branch, best_a, cand_w[:, 0])
-    dst_s = torch.where(kl_branch, best_c, cand_s[:, 0])
+    kl_a = _kl_rows(p_s[rows, hardest_s], q_w)         # KL(p_s[d] || p_w[a])
+    kl_c = _kl_rows(p_w[rows, hardest_w], q_s)         # KL(p_w[b] || p_s[c])
+    a_star = torch.where(kl_branch, cand_w[rows, kl_a.argmin(dim=1)], cand_w[:, 0])
+    c_star = torch.where(kl_branch, cand_s[rows, kl_c.argmin(dim=1)], cand_s[:, 0])
+    if direction == "hard_into_easy":                  # SSCD: x_s[d] -> x_w[a*], x_w[b] -> x_s[c*]
+        dst_w, src_s, dst_s, src_w = a_star, hardest_s, c_star, hardest_w
+    else:                                              # ABD: x_s[c*] -> x_w[b], x_w[a*] -> x_s[d]
+        dst_w, src_s, dst_s, src_w = hardest_w, c_star, hardest_s, a_star
 
     def to_regions(x):                                 # (B, C, H, W) -> (B, R, C, p, p)
         return x.reshape(b, c, gh, patch, gw, patch).permute(0, 2, 4, 1, 3, 5).reshape(b, r, c, patch, patch)
@@ -347,11 +373,15 @@ def cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, patch, top_num=4, kl_prob=0.5, 
 
     reg_w = to_regions(x_w)
     reg_s = to_regions(x_s)
-    disc = disc_mask(patch, device=device).to(x_w.dtype)
     out_w = reg_w.clone()
     out_s = reg_s.clone()
-    out_w[rows, dst_w] = reg_w[rows, dst_w] * (1 - disc) + reg_s[rows, src_s] * disc
-    out_s[rows, dst_s] = reg_s[rows, dst_s] * (1 - disc) + reg_w[rows, src_w] * disc
+    if paste == "square":                              # whole square replaced, no blending
+        out_w[rows, dst_w] = reg_s[rows, src_s]
+        out_s[rows, dst_s] = reg_w[rows, src_w]
+    else:
+        disc = disc_mask(patch, device=device).to(x_w.dtype)
+        out_w[rows, dst_w] = reg_w[rows, dst_w] * (1 - disc) + reg_s[rows, src_s] * disc
+        out_s[rows, dst_s] = reg_s[rows, dst_s] * (1 - disc) + reg_w[rows, src_w] * disc
     info = {"dst_w": dst_w, "src_s": src_s, "dst_s": dst_s, "src_w": src_w, "kl_branch": kl_branch}
     return from_regions(out_w), from_regions(out_s), info
 

@@ -5,7 +5,6 @@ their HCA weight vector, whether the centre-disc loss is on, and the checkpoint 
 from (the previous stage's best on val.list). The method pieces are the pure functions of
 ``utils.sscd`` and ``utils.losses``; this module wires them into training steps.
 """
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,14 +14,39 @@ from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from utils.ema import ema_update
 from utils.engine import train_loop
 from utils.losses import dice_loss, mix_loss
+from utils.run import train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
                         cgsr, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness, region_means,
                         sda_mask, split_iterations)
 
 
+# What each --method sets (only flag defaults: anything given explicitly wins). BCP and ABD
+# follow DeepMed-Lab-ECNU/BCP and chy-upc/ABD (BCP variant): one curriculum stage on the main
+# output, no SDA, no deep supervision, no centre disc, 30k self-training iterations.
+PRESETS = {
+    "sscd": {},
+    "labeled_only": {},
+    "bcp": {"sda": "off", "students": 1, "displacement": "none", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema"},
+    "abd": {"sda": "off", "students": 2, "displacement": "abd", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence",
+            "patch_size": 64},
+}
+# --displacement -> (cgsr direction, paste shape)
+DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "square")}
+
+
 def add_sscd_args(p):
     """The SSCD flags (defaults: the paper/reference values; see README)."""
+    p.add_argument("--method", choices=sorted(PRESETS), default="sscd",
+                   help="preset: sscd (the full method), bcp, abd, or labeled_only (the baseline row)")
     g = p.add_argument_group("SSCD")
+    g.add_argument("--sda", choices=["on", "off"], default="on", help="Spatial Decoupling Amplifier in pre-training")
+    g.add_argument("--students", type=int, choices=[1, 2], default=2,
+                   help="2: weak- and strong-view students (SSCD, ABD); 1: one weak-view student (BCP)")
+    g.add_argument("--displacement", choices=["cgsr", "abd", "none"], default="cgsr",
+                   help="cgsr: hardest region of the other view pasted as a disc into an easy region (SSCD); "
+                        "abd: doubtful region replaced by a confident square of the other view (ABD); none")
     g.add_argument("--pre_iterations", type=int, default=10000, help="pre-training iterations (0: skip)")
     g.add_argument("--stage_iterations", type=int, default=6000, help="iterations of each curriculum stage")
     g.add_argument("--sda_start", type=int, default=None,
@@ -54,9 +78,18 @@ def add_sscd_args(p):
 
 def check_sscd_args(parser, args):
     """Reject inconsistent SSCD settings with a message naming the flag."""
-    stages = parse_hca_schedule(args.hca_weights)
+    try:
+        stages = parse_hca_schedule(args.hca_weights)
+        if args.max_iterations is not None:
+            split_iterations(args.max_iterations, len(stages))
+    except ValueError as err:
+        parser.error(f"--hca_weights / --max_iterations: {err}")
     unlabeled = args.batch_size - args.labeled_bs
-    if args.labeled_bs != unlabeled or args.labeled_bs % 2:
+    if args.students == 1 and args.displacement != "none":
+        parser.error(f"--displacement {args.displacement} needs --students 2 (it swaps regions between the views)")
+    if args.method == "labeled_only":
+        pass
+    elif args.labeled_bs != unlabeled or args.labeled_bs % 2:
         parser.error(f"--labeled_bs {args.labeled_bs} / --batch_size {args.batch_size}: SSCD mixes labeled and "
                      f"unlabeled halves, so --batch_size must be 2 x --labeled_bs with --labeled_bs even")
     if args.image_size % args.patch_size:
@@ -74,14 +107,16 @@ def check_sscd_args(parser, args):
         args.stage_iterations = [args.stage_iterations] * len(stages)
     if args.sda_start is None:
         args.sda_start = int(0.6 * args.pre_iterations)
+    # the labeled-only baseline gets the whole budget of the semi-supervised runs
+    args.total_iterations = args.pre_iterations + sum(args.stage_iterations)
     return stages
 
 
-def _split_labeled(batch, half):
+def _split_labeled(batch, half, views):
     """Views of a labeled+unlabeled batch: weak/strong images and labels in halves a, b."""
     n = 2 * half
     out = {}
-    for view in ("", "_strong"):
+    for view in views:
         img, lab = batch["image" + view], batch["label" + view]
         out["img" + view] = (img[:half], img[half:n])
         out["uimg" + view] = (img[n:n + half], img[n + half:])
@@ -89,7 +124,7 @@ def _split_labeled(batch, half):
     return out
 
 
-def _mix_terms(logits_list, targets, box, weights, num_classes):
+def _mix_terms(logits_list, targets, box, num_classes):
     """Mean over outputs of (Dice + CE)/2 of the BCP mix loss, summed over the two mixes."""
     total = 0
     half = box.shape[0]
@@ -100,15 +135,10 @@ def _mix_terms(logits_list, targets, box, weights, num_classes):
     return total / len(logits_list)
 
 
-def _forward(model, x, ds_weight):
-    """Main logits and the list [1/2, 1/4, 1/8, main] the HCA reads (heads only when trained)."""
+def _forward(model, x):
+    """The list [1/2-head, 1/4-head, 1/8-head, main] of logits (the order of the HCA weights)."""
     logits, heads = model(x, heads=True)
-    return logits, heads + [logits]
-
-
-def _supervision_outputs(outputs, ds_weight):
-    """The outputs a target supervises: the main logits, plus the heads when ds_weight > 0."""
-    return outputs[-1:] if ds_weight <= 0 else outputs
+    return heads + [logits]
 
 
 def _weighted(outputs, loss_fn, ds_weight):
@@ -127,6 +157,8 @@ def pretrain(run, save_dir, iterations, data, volumes):
     half = a.labeled_bs // 2
     stream = iter(data.stream(a.labeled_bs, 0, run.device, a.aug_device, a.num_workers, strong=False,
                               seed=a.seed))
+    if a.labeled_bs % 2:
+        raise ValueError(f"--labeled_bs {a.labeled_bs}: pre-training mixes labeled pairs, it must be even")
     gen = torch.Generator(device=run.device).manual_seed(a.seed)
     size = a.image_size
 
@@ -136,12 +168,13 @@ def pretrain(run, save_dir, iterations, data, volumes):
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
         x = mix(img[:half], img[half:], box)
         y = mix(lab[:half], lab[half:], box)
-        logits, outputs = _forward(model, x, a.ds_weight)
+        outputs = _forward(model, x)
+        logits = outputs[-1]
         mix_l = _weighted(outputs, lambda outs: _mix_terms(
-            outs, [(lab[:half], lab[half:], 1.0, 1.0)], box, None, a.num_classes), a.ds_weight)
+            outs, [(lab[:half], lab[half:], 1.0, 1.0)], box, a.num_classes), a.ds_weight)
         losses = {"mix": mix_l}
         loss = mix_l
-        if it > a.sda_start:
+        if a.sda == "on" and it > a.sda_start:
             keep = sda_mask(logits.detach(), a.sda_alpha)
             x_sda, y_sda = apply_sda(x, y, keep)
             out_sda = model(x_sda)
@@ -161,60 +194,63 @@ def pretrain(run, save_dir, iterations, data, volumes):
 
 
 def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data, volumes):
-    """One curriculum stage: two students (weak/strong view), a teacher, BCP mix, CPS, HCA,
-    Decouple and CGSR; all three networks start from ``init_path``."""
+    """One curriculum stage: students on the weak (and strong) view, a teacher, BCP mix, CPS,
+    HCA, Decouple and CGSR; every network starts from ``init_path``."""
     a = run.args
     init = load_checkpoint(init_path)
-    models = {"model": run.model(), "model_2": run.model(), "teacher": run.model()}
+    names = ["model", "model_2", "teacher"] if a.students == 2 else ["model", "teacher"]
+    models = {name: run.model() for name in names}
     for m in models.values():
         load_model_state(m, init["model"], init_path)
-    s1, s2, teacher = models["model"], models["model_2"], models["teacher"]
+    teacher = models["teacher"]
     teacher.requires_grad_(False)
-    opts = {"model": run.optimizer(s1), "model_2": run.optimizer(s2)}
+    students = [models["model"]] + ([models["model_2"]] if a.students == 2 else [])
+    views = ["", "_strong"][:len(students)]
+    opts = {name: run.optimizer(models[name]) for name in names if name != "teacher"}
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
-    stream = iter(data.stream(a.labeled_bs, a.labeled_bs, run.device, a.aug_device, a.num_workers, strong=True,
-                              seed=a.seed + 1000 * stage))
+    stream = iter(data.stream(a.labeled_bs, a.labeled_bs, run.device, a.aug_device, a.num_workers,
+                              strong=a.students == 2, seed=a.seed + 1000 * stage))
     gen = torch.Generator(device=run.device).manual_seed(a.seed + 1000 * stage)
     vis = {}
 
     def step(it):
-        b = _split_labeled(next(stream), half)
+        b = _split_labeled(next(stream), half, views)
         teacher.eval()
         with torch.no_grad():
-            u_all = torch.cat([*b["uimg"], *b["uimg_strong"]])
+            u_all = torch.cat([img for v in views for img in b["uimg" + v]])
             plab = pseudo_labels(teacher(u_all), c).split(half)
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
-        x, targets, outs = {}, {}, {}
-        for view, k, student in (("", 0, s1), ("_strong", 2, s2)):
+        losses, x, outs, probs = {}, [], [], []
+        for k, (view, student) in enumerate(zip(views, students)):
             (img_a, img_b), (uimg_a, uimg_b) = b["img" + view], b["uimg" + view]
             lab_a, lab_b = b["lab" + view]
-            pl_a, pl_b = plab[k], plab[k + 1]
+            pl_a, pl_b = plab[2 * k], plab[2 * k + 1]
             # unlabeled outside the box with the labeled slice inside, and the reverse
-            x[view] = torch.cat([mix(uimg_a, img_a, box), mix(img_b, uimg_b, box)])
-            targets[view] = [(pl_a, lab_a, a.u_weight, 1.0), (lab_b, pl_b, 1.0, a.u_weight)]
-            outs[view] = _forward(student, x[view], a.ds_weight)
-        losses = {}
-        for view, name in (("", "1"), ("_strong", "2")):
-            losses["mix" + name] = _weighted(
-                outs[view][1], lambda o, v=view: _mix_terms(o, targets[v], box, None, c), a.ds_weight)
-        p1, p2 = torch.softmax(outs[""][0], 1), torch.softmax(outs["_strong"][0], 1)
-        y1, y2 = p1.detach().argmax(1), p2.detach().argmax(1)
-        losses["cps1"], losses["cps2"] = dice_loss(p1, y2, c), dice_loss(p2, y1, c)
-        # HCA confidence -> Decouple -> CGSR on the mixed images
-        with torch.no_grad():
-            conf_w, cls_w = hca_maps([o.detach() for o in outs[""][1]], weights, a.hca_combine)
-            conf_s, cls_s = hca_maps([o.detach() for o in outs["_strong"][1]], weights, a.hca_combine)
-            x_s2w, x_w2s, info = cgsr(
-                x[""], x["_strong"], region_hardness(conf_w, patch, a.rank_by),
-                region_hardness(conf_s, patch, a.rank_by), region_means(cls_w, patch),
-                region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen)
-        x_swap = torch.cat([x_s2w, x_w2s])
-        q1, q2 = torch.softmax(s1(x_swap), 1), torch.softmax(s2(x_swap), 1)
-        z1, z2 = q1.detach().argmax(1), q2.detach().argmax(1)
-        losses["cgsr1"], losses["cgsr2"] = dice_loss(q1, z2, c), dice_loss(q2, z1, c)
-        if use_disc:
-            losses["disc1"], losses["disc2"] = center_disc_dice(q1, z2, c), center_disc_dice(q2, z1, c)
+            x.append(torch.cat([mix(uimg_a, img_a, box), mix(img_b, uimg_b, box)]))
+            targets = [(pl_a, lab_a, a.u_weight, 1.0), (lab_b, pl_b, 1.0, a.u_weight)]
+            outs.append(_forward(student, x[k]))
+            losses[f"mix{k + 1}"] = _weighted(outs[k], lambda o, t=targets: _mix_terms(o, t, box, c), a.ds_weight)
+            probs.append(torch.softmax(outs[k][-1], 1))
+        argmax = [p.detach().argmax(1) for p in probs]
+        if len(students) == 2:
+            losses["cps1"], losses["cps2"] = dice_loss(probs[0], argmax[1], c), dice_loss(probs[1], argmax[0], c)
+        if a.displacement != "none":
+            direction, paste = DISPLACEMENTS[a.displacement]
+            with torch.no_grad():  # HCA confidence -> Decouple -> CGSR on the mixed images
+                (conf_w, cls_w), (conf_s, cls_s) = [hca_maps([h.detach() for h in o], weights, a.hca_combine)
+                                                    for o in outs]
+                x_s2w, x_w2s, info = cgsr(
+                    x[0], x[1], region_hardness(conf_w, patch, a.rank_by), region_hardness(conf_s, patch, a.rank_by),
+                    region_means(cls_w, patch), region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen,
+                    direction=direction, paste=paste)
+            x_swap = torch.cat([x_s2w, x_w2s])
+            q1, q2 = torch.softmax(students[0](x_swap), 1), torch.softmax(students[1](x_swap), 1)
+            z1, z2 = q1.detach().argmax(1), q2.detach().argmax(1)
+            losses["cgsr1"], losses["cgsr2"] = dice_loss(q1, z2, c), dice_loss(q2, z1, c)
+            if use_disc:
+                losses["disc1"], losses["disc2"] = center_disc_dice(q1, z2, c), center_disc_dice(q2, z1, c)
+            vis.update(confidence=conf_w[:1], cgsr_weak=x_s2w[:1], cgsr_strong=x_w2s[:1])
         loss = sum(losses.values())
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
@@ -222,35 +258,32 @@ def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data,
         for opt in opts.values():
             opt.step()
         if a.teacher == "ema":
-            ema_update(teacher, s1, a.ema_decay)
-        vis.update(image=x[""][:1], pred=y1[:1], confidence=conf_w[:1], cgsr_weak=x_s2w[:1],
-                   cgsr_strong=x_w2s[:1], pseudo=plab[0][:1])
+            ema_update(teacher, students[0], a.ema_decay)
+        vis.update(image=x[0][:1], pred=argmax[0][:1], pseudo=plab[0][:1])
         return {"loss": loss, **losses}
 
     def images(writer, it):
-        if not vis:
-            return
-        tag = f"stage_{stage}"
-        writer.add_image(f"{tag}/input", vis["image"][0], it)
-        writer.add_image(f"{tag}/prediction", vis["pred"][:1].float() / max(c - 1, 1), it)
-        writer.add_image(f"{tag}/hca_confidence", vis["confidence"][:1], it)
-        writer.add_image(f"{tag}/cgsr_strong_to_weak", vis["cgsr_weak"][0], it)
-        writer.add_image(f"{tag}/cgsr_weak_to_strong", vis["cgsr_strong"][0], it)
-        writer.add_image(f"{tag}/pseudo_label", vis["pseudo"][:1].float() / max(c - 1, 1), it)
+        tag, scale = f"stage_{stage}", 1.0 / max(c - 1, 1)
+        for key, value in vis.items():
+            img = value[0] if value.dim() == 4 else value[:1].float() * (scale if key in ("pred", "pseudo") else 1)
+            writer.add_image(f"{tag}/{key}", img.float().cpu(), it)
 
     run.logger.info(f"[stage {stage}] HCA weights {weights}, centre disc {'on' if use_disc else 'off'}, "
                     f"init {init_path}, {iterations} iterations")
+    config = {**run.config, "stage": stage, "hca_stage_weights": list(weights)}
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
-                      validate=run.validator(s1, volumes), config={**run.config, "stage": stage,
-                                                                   "hca_stage_weights": list(weights)},
-                      val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
-                      logger=run.logger, name=f"stage_{stage}", on_validate=images)
+                      validate=run.validator(students[0], volumes), config=config, val_interval=a.val_interval,
+                      log_interval=a.log_interval, resume=a.resume, logger=run.logger, name=f"stage_{stage}",
+                      on_validate=images)
 
 
 def train_sscd(run, stages):
     """Pre-training (unless skipped) then every curriculum stage from ``--start_stage``; copies the
     last stage's best checkpoint to ``save_dir/best.pth`` and returns its path."""
     a = run.args
+    if a.method == "labeled_only":
+        train_supervised(run, a.total_iterations)
+        return Path(run.save_dir) / "best.pth"
     data, volumes = run.train_data(), run.val_volumes()
     save_dir = Path(run.save_dir)
     init = Path(a.init_checkpoint) if a.init_checkpoint else None

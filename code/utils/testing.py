@@ -65,8 +65,26 @@ def _table(summary, classes):
     return "\n".join(rows)
 
 
-def run_test(args, class_names):
-    """Evaluate ``args.checkpoint`` on ``args.split``; returns the summary dict (also written)."""
+def _check_split_not_empty(root, split):
+    """SystemExit with the reason when ``root/<split>.list`` exists but names no case (e.g. the
+    preprocessing found the test cases withheld: dataset.json ``withheld_test_cases``)."""
+    path = Path(root) / f"{split}.list"
+    if not path.is_file() or path.read_text().split():
+        return
+    info = Path(root) / "dataset.json"
+    withheld = json.loads(info.read_text()).get("withheld_test_cases", []) if info.is_file() else []
+    reason = (f"the source folder withholds its {split} cases ({' '.join(withheld)}: listed, no files), "
+              f"so the preprocessing wrote none" if withheld else "no case to evaluate")
+    raise SystemExit(f"--split {split}: {path} is empty: {reason}. Evaluate on --split val, or preprocess "
+                     f"a data folder that has the {split} cases' images and segmentations.")
+
+
+def run_test(args, class_names, describe_data=None):
+    """Evaluate ``args.checkpoint`` on ``args.split``; returns the summary dict (also written).
+
+    ``describe_data(root)`` optionally names the data set the results belong to: printed and
+    stored as ``summary["data"]``.
+    """
     device = torch.device(args.device)
     model, state = load_trained_model(args.checkpoint, device)
     config = state.get("config", {})
@@ -78,6 +96,7 @@ def run_test(args, class_names):
         raise SystemExit("--root_path is required: the checkpoint does not record its data root")
     image_size = int(config.get("image_size", 256))
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{args.split}")
+    _check_split_not_empty(root, args.split)
     out.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(root, args.split, num_classes)
     preds = []
@@ -93,6 +112,9 @@ def run_test(args, class_names):
     summary.update({"split": args.split, "cases": len(volumes), "checkpoint": str(args.checkpoint),
                     "lcc": bool(args.lcc), "image_size": image_size, "classes": list(class_names),
                     "distance_units": "voxels" + (" (mm in *_mm)" if has_mm else "")})
+    data_name = describe_data(root) if describe_data else None
+    if data_name:
+        summary["data"] = data_name
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out / "cases.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -110,6 +132,8 @@ def run_test(args, class_names):
         for v, pred in zip(volumes, preds):
             meta = load_volume_meta(Path(root) / "data" / f"{v['case']}.h5")
             write_label_image(pred, meta, pred_dir / f"{v['case']}_pred.nii.gz")
+    if data_name:
+        print(f"data: {data_name}")
     print(f"{args.split}: {len(volumes)} cases, checkpoint {args.checkpoint}"
           f" (distances in voxels{'; mm in summary.json' if has_mm else ''})")
     print(_table(summary, class_names))

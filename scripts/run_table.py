@@ -1,0 +1,249 @@
+"""Run the comparison table: methods x labeled counts x seeds, one training budget, then the report.
+
+    python scripts/run_table.py --dataset ACDC --root_path data/ACDC --methods labeled_only bcp abd sscd \\
+        --labelnums 3 7 --seeds 1 2 3 --split val --out results/acdc -- --image_size 256 --max_iterations 30000
+
+Every run is two subprocesses, launched from the repository root:
+
+    python code/train_<dataset>_SSCD.py --method M --labelnum N --seed S --save_dir OUT/runs/<dataset>_M_N_sS \\
+        [--root_path R] [--device D] <flags after -->
+    python code/test_<dataset>.py --checkpoint OUT/runs/<run>/best.pth --split <split> \\
+        --out OUT/runs/<run>/eval_<split> --no_predictions [--root_path R] [--device D]
+
+The flags after ``--`` go to every trainer unchanged (the same budget for every method). A run whose
+``eval_<split>/summary.json`` exists is skipped, so an interrupted table resumes where it stopped; a
+run whose training finished (marker ``TRAINED``) but whose evaluation did not is only evaluated. Each
+subprocess's output goes to ``run_table_<step>.log`` in the run folder. A failed step writes
+``FAILED.json`` there (step, command, exit code, log), the table goes on with the next run, the report
+lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
+and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md`` and ``OUT/results.csv``.
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "code") not in sys.path:
+    sys.path.insert(0, str(REPO / "code"))
+from utils.report import EXPECTED_FILE, FAILED_FILE, build_report, run_name  # noqa: E402
+
+DATASETS = ("ACDC", "PROMISE12")
+METHODS = ("labeled_only", "bcp", "abd", "sscd")
+TRAINED_FILE = "TRAINED"
+#: trainer flags run_table sets itself (per run) and therefore refuses after --
+RESERVED = ("--method", "--labelnum", "--seed", "--save_dir", "--root_path", "--device", "--resume")
+
+
+def split_passthrough(argv):
+    """``(own flags, trainer flags)``: everything after the first ``--`` goes to the trainers."""
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _list(values, kind, name):
+    """Values given as separate words and/or comma-separated."""
+    out = []
+    for v in values:
+        for item in str(v).split(","):
+            if item.strip():
+                try:
+                    out.append(kind(item.strip()))
+                except ValueError:
+                    raise SystemExit(f"run_table: {name} {item!r}: expected {kind.__name__}") from None
+    return out
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                usage="%(prog)s [options] [-- trainer flags]",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=DATASETS, default="ACDC")
+    p.add_argument("--root_path", default=None,
+                   help="data root (ACDC default: the trainers' synthetic data under data/)")
+    p.add_argument("--methods", nargs="+", default=["labeled_only", "sscd"], help=f"any of {', '.join(METHODS)}")
+    p.add_argument("--labelnums", nargs="+", default=["7"], help="labeled patients/cases")
+    p.add_argument("--seeds", nargs="+", default=["1337"])
+    p.add_argument("--split", choices=["val", "test"], default="val",
+                   help="evaluation split (test is withheld here; the trainers select on val)")
+    p.add_argument("--out", required=True, help="output folder: runs/ and results.md, results.csv")
+    p.add_argument("--device", default=None, help="passed to trainers and test scripts (default: theirs)")
+    p.add_argument("--resume_training", action="store_true",
+                   help="pass --resume to the trainer of a run whose folder exists but did not finish")
+    p.add_argument("--no_published", action="store_true", help="leave the published ACDC rows out of the report")
+    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    return p
+
+
+def parse_args(argv=None):
+    """``(args, trainer_flags)``; methods, labelnums and seeds as validated lists."""
+    own, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(own)
+    args.methods = _list(args.methods, str, "--methods")
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.error(f"--methods {unknown}: expected any of {list(METHODS)}")
+    args.labelnums = _list(args.labelnums, int, "--labelnums")
+    args.seeds = _list(args.seeds, int, "--seeds")
+    for name in ("methods", "labelnums", "seeds"):
+        values = getattr(args, name)
+        if not values:
+            parser.error(f"--{name}: give at least one value")
+        if len(set(values)) != len(values):
+            parser.error(f"--{name} {values}: repeated value")
+    clash = [f for f in passthrough if f.split("=")[0] in RESERVED]
+    if clash:
+        parser.error(f"trainer flags {clash} are set by run_table itself (use its own --root_path/--device; "
+                     f"--method/--labelnum/--seed come from --methods/--labelnums/--seeds)")
+    if args.dataset != "ACDC" and args.root_path is None:
+        parser.error(f"--root_path is required for {args.dataset} (synthetic data exist for ACDC only)")
+    args.out = Path(args.out).resolve()
+    if args.root_path is not None:
+        args.root_path = str(Path(args.root_path).resolve())
+    return args, passthrough
+
+
+def scripts(dataset):
+    """(trainer, test script) paths relative to the repository root."""
+    return f"code/train_{dataset}_SSCD.py", f"code/test_{dataset}.py"
+
+
+def plan(args, passthrough):
+    """One dict per run, in table order (labelnum, method, seed): ``name``, ``dir``, ``train`` and
+    ``test`` (argument lists), ``summary`` (the file whose existence means done)."""
+    train_script, test_script = scripts(args.dataset)
+    extra = (["--root_path", args.root_path] if args.root_path else []) + \
+            (["--device", args.device] if args.device else [])
+    runs = []
+    for labelnum in args.labelnums:
+        for method in args.methods:
+            for seed in args.seeds:
+                name = run_name(args.dataset, method, labelnum, seed)
+                run_dir = args.out / "runs" / name
+                eval_dir = run_dir / f"eval_{args.split}"
+                train = [sys.executable, train_script, "--method", method, "--labelnum", str(labelnum),
+                         "--seed", str(seed), "--save_dir", str(run_dir), *extra, *passthrough]
+                test = [sys.executable, test_script, "--checkpoint", str(run_dir / "best.pth"),
+                        "--split", args.split, "--out", str(eval_dir), "--no_predictions", *extra]
+                runs.append({"name": name, "dir": run_dir, "train": train, "test": test,
+                             "summary": eval_dir / "summary.json"})
+    return runs
+
+
+def status(run):
+    """'done' (evaluation summary exists), 'trained' (training finished, evaluation missing) or 'todo'."""
+    if run["summary"].is_file():
+        return "done"
+    if (run["dir"] / TRAINED_FILE).is_file() and (run["dir"] / "best.pth").is_file():
+        return "trained"
+    return "todo"
+
+
+def execute(command, log_path):
+    """Run ``command`` from the repository root with its output in ``log_path``; its exit code."""
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def _tail(path, n=25):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def run_one(run, args, runner):
+    """Train (unless already trained) and evaluate one run; None on success, else the failure dict."""
+    run_dir = run["dir"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    steps = []
+    if status(run) != "trained":
+        train = list(run["train"])
+        if args.resume_training and (run_dir / "config.yaml").is_file():
+            train.append("--resume")
+        steps.append(("train", train))
+    steps.append(("test", run["test"]))
+    for step, command in steps:
+        log = run_dir / f"run_table_{step}.log"
+        t0 = time.time()
+        print(f"[{run['name']}] {step}: {shlex.join(command)}", flush=True)
+        code = runner(command, log)
+        ok = code == 0 and (step != "train" or (run_dir / "best.pth").is_file()) \
+            and (step != "test" or run["summary"].is_file())
+        if not ok:
+            failure = {"run": run["name"], "step": step, "returncode": code, "command": shlex.join(command),
+                       "log": str(log)}
+            if code == 0:
+                failure["problem"] = "exited 0 but wrote no " + ("best.pth" if step == "train" else "summary.json")
+            (run_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2))
+            print(f"[{run['name']}] {step} FAILED (exit code {code}) after {time.time() - t0:.0f}s; "
+                  f"log {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
+            return failure
+        print(f"[{run['name']}] {step} done in {time.time() - t0:.0f}s", flush=True)
+        if step == "train":
+            (run_dir / TRAINED_FILE).write_text(shlex.join(command) + "\n")
+    return None
+
+
+def main(argv=None, runner=execute):
+    """Run (or with --dry_run print) the table; returns the exit status (1 if any run failed or is missing)."""
+    args, passthrough = parse_args(argv)
+    runs = plan(args, passthrough)
+    missing = [s for s in scripts(args.dataset) if not (REPO / s).is_file()]
+    if args.dry_run:
+        for s in missing:
+            print(f"# warning: {s} does not exist (yet)")
+        for run in runs:
+            state = status(run)
+            if state == "done":
+                print(f"# skip {run['name']}: {run['summary']} exists")
+                continue
+            if state == "trained":
+                print(f"# {run['name']}: trained, evaluation only")
+            else:
+                print(shlex.join(run["train"]))
+            print(shlex.join(run["test"]))
+        return 0
+    if missing:
+        print(f"run_table: {', '.join(missing)} not found in {REPO}", file=sys.stderr)
+        return 2
+    runs_dir = args.out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    (runs_dir / EXPECTED_FILE).write_text(json.dumps(
+        {"dataset": args.dataset, "split": args.split, "runs": [r["name"] for r in runs],
+         "trainer_flags": passthrough, "root_path": args.root_path}, indent=2))
+    failures = []
+    for k, run in enumerate(runs, start=1):
+        if status(run) == "done":
+            print(f"[{k}/{len(runs)}] {run['name']}: skipped ({run['summary']} exists)", flush=True)
+            continue
+        print(f"[{k}/{len(runs)}] {run['name']}", flush=True)
+        failure = run_one(run, args, runner)
+        if failure:
+            failures.append(failure)
+    rows, problems = build_report(runs_dir, args.out, published=args.dataset == "ACDC" and not args.no_published,
+                                  split=args.split)
+    print(f"report: {args.out / 'results.md'}, {args.out / 'results.csv'} ({len(rows)} rows)")
+    expected = {r["name"] for r in runs}
+    open_problems = [p for p in problems if p["run"] in expected]
+    for p in open_problems:
+        print(f"NOT IN THE TABLE: {p['run']}: {p['problem']}", file=sys.stderr)
+    if failures or open_problems:
+        print(f"run_table: {len(failures)} run(s) failed in this invocation, {len(open_problems)} run(s) "
+              f"missing from the table", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

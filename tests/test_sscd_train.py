@@ -1,0 +1,168 @@
+"""SSCD trainer: the curriculum hand-over, every flag's effect, presets, resume, and an end-to-end
+run on the real ACDC data (synthetic data when SSCD_SHARED_DATA is unset)."""
+import json
+
+import pytest
+import torch
+import yaml
+
+import train_ACDC_SSCD
+import test_ACDC
+from utils import sscd_train
+from utils.checkpoint import load_checkpoint
+
+TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--patch_size", "8", "--top_num", "4",
+        "--device", "cpu", "--num_workers", "0", "--log_interval", "1", "--labelnum", "3"]
+
+
+def train(root, save_dir, *flags):
+    return train_ACDC_SSCD.main(["--root_path", str(root), "--save_dir", str(save_dir), *TINY, *flags])
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_root, tmp_path_factory):
+    """A tiny pre-trained checkpoint every stage test starts from."""
+    out = tmp_path_factory.mktemp("pre")
+    train(synthetic_root, out, "--pre_iterations", "3", "--hca_weights", "0,0,0,1", "--stage_iterations", "1",
+          "--val_interval", "3")
+    return out / "pretrain" / "best.pth"
+
+
+def stage_weights(root, tmp_path, init, *flags):
+    """All weights (students and teacher) after two iterations of one curriculum stage."""
+    out = tmp_path / "_".join(f.strip("-") for f in flags) if flags else tmp_path / "base"
+    train(root, out, "--start_stage", "1", "--init_checkpoint", str(init), "--hca_weights", "1,0,0,0",
+          "--stage_iterations", "2", "--val_interval", "2", *flags)
+    state = load_checkpoint(out / "stage_1" / "last.pth")
+    tensors = [state["model"]] + [state["models"][k] for k in sorted(state["models"])]
+    return torch.cat([t.float().flatten() for sd in tensors for t in sd.values()])
+
+
+STAGE_FLAGS = [
+    ("--u_weight", "1.0"), ("--ds_weight", "0"), ("--hca_weights", "0,0,0,1"), ("--rank_by", "contrast"), ("--patch_size", "16"), ("--cgsr_kl_prob", "1.0"), ("--teacher", "frozen"),
+    ("--ema_decay", "0.5"), ("--center_disc_stages", "0"), ("--displacement", "abd"), ("--displacement", "none"),
+    ("--base_lr", "0.05"), ("--seed", "7"),
+]
+
+
+def test_every_stage_flag_changes_the_trained_weights(synthetic_root, tmp_path, pretrained):
+    base = stage_weights(synthetic_root, tmp_path, pretrained)
+    again = stage_weights(synthetic_root, tmp_path / "again", pretrained)
+    assert torch.equal(base, again), "the baseline must be deterministic for this test to mean anything"
+    for flag, value in STAGE_FLAGS:
+        changed = stage_weights(synthetic_root, tmp_path, pretrained, flag, value)
+        assert not torch.equal(base, changed), f"{flag} {value} had no effect"
+
+
+def test_hca_combine_changes_the_weights_when_heads_are_mixed(synthetic_root, tmp_path, pretrained):
+    mixed = ("--hca_weights", ".5,.5,0,0")
+    paper = stage_weights(synthetic_root, tmp_path, pretrained, *mixed)
+    code = stage_weights(synthetic_root, tmp_path, pretrained, *mixed, "--hca_combine", "logits")
+    assert not torch.equal(paper, code)
+
+
+def test_top_num_changes_the_kl_choice(synthetic_root, tmp_path, pretrained):
+    one = stage_weights(synthetic_root, tmp_path, pretrained, "--cgsr_kl_prob", "1", "--top_num", "1")
+    many = stage_weights(synthetic_root, tmp_path, pretrained, "--cgsr_kl_prob", "1", "--top_num", "16")
+    assert not torch.equal(one, many)
+
+
+def test_one_student_bcp_stage_has_no_second_model(synthetic_root, tmp_path, pretrained):
+    out = tmp_path / "bcp"
+    train(synthetic_root, out, "--start_stage", "1", "--init_checkpoint", str(pretrained), "--students", "1",
+          "--displacement", "none", "--hca_weights", "0,0,0,1", "--stage_iterations", "2", "--val_interval", "2")
+    state = load_checkpoint(out / "stage_1" / "last.pth")
+    assert sorted(state["models"]) == ["teacher"] and sorted(state["optimizers"]) == ["model"]
+
+
+def pretrain_weights(root, tmp_path, *flags):
+    out = tmp_path / ("pre_" + "_".join(f.strip("-") for f in flags))
+    train(root, out, "--pre_iterations", "3", "--hca_weights", "0,0,0,1", "--stage_iterations", "1",
+          "--val_interval", "3", "--sda_start", "0", *flags)
+    sd = load_checkpoint(out / "pretrain" / "last.pth")["model"]
+    return torch.cat([t.float().flatten() for t in sd.values()])
+
+
+def test_every_pretraining_flag_changes_the_weights(synthetic_root, tmp_path):
+    base = pretrain_weights(synthetic_root, tmp_path)
+    for flags in (("--sda", "off"), ("--sda_alpha", "0.5"), ("--sda_start", "2")):
+        assert not torch.equal(base, pretrain_weights(synthetic_root, tmp_path, *flags)), f"{flags} had no effect"
+
+
+def test_curriculum_stage_k_uses_kth_weights_and_previous_best(synthetic_root, tmp_path, monkeypatch):
+    calls = []
+    original = sscd_train.self_train_stage
+
+    def spy(run, stage, weights, init_path, save_dir, iterations, data, volumes):
+        calls.append((stage, tuple(weights), str(init_path), iterations))
+        return original(run, stage, weights, init_path, save_dir, iterations, data, volumes)
+
+    monkeypatch.setattr(sscd_train, "self_train_stage", spy)
+    schedule = "1,0,0,0;0,1,0,0;0,0,0,1"
+    final = train(synthetic_root, tmp_path, "--pre_iterations", "2", "--max_iterations", "7",
+                  "--hca_weights", schedule, "--val_interval", "1")
+    assert [c[1] for c in calls] == [(1.0, 0, 0, 0), (0, 1.0, 0, 0), (0, 0, 0, 1.0)]
+    assert [c[2] for c in calls] == [str(tmp_path / "pretrain" / "best.pth"), str(tmp_path / "stage_1" / "best.pth"),
+                                     str(tmp_path / "stage_2" / "best.pth")]
+    assert [c[3] for c in calls] == [2, 2, 3]  # 7 iterations split over 3 stages
+    # the stage's first weights are the previous stage's best: its teacher is frozen at them
+    frozen = tmp_path / "frozen"
+    train(synthetic_root, frozen, "--start_stage", "3", "--init_checkpoint", str(tmp_path / "stage_2" / "best.pth"),
+          "--hca_weights", schedule, "--stage_iterations", "1", "--val_interval", "1", "--teacher", "frozen")
+    prev = load_checkpoint(tmp_path / "stage_2" / "best.pth")["model"]
+    teacher = load_checkpoint(frozen / "stage_3" / "last.pth")["models"]["teacher"]
+    assert all(torch.equal(prev[k], teacher[k]) for k in prev)
+    state = load_checkpoint(final)
+    assert state["config"]["hca_stage_weights"] == [0.0, 0.0, 0.0, 1.0]
+    for k in (1, 2, 3):
+        assert load_checkpoint(tmp_path / f"stage_{k}" / "best.pth")["config"]["stage"] == k
+
+
+def test_resume_skips_finished_stages(synthetic_root, tmp_path):
+    flags = ["--pre_iterations", "2", "--stage_iterations", "2", "--hca_weights", "1,0,0,0;0,0,0,1",
+             "--val_interval", "2"]
+    train(synthetic_root, tmp_path, *flags)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pth")}
+    train(synthetic_root, tmp_path, *flags, "--resume")
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pth")}
+    changed = [str(p.relative_to(tmp_path)) for p in before if before[p] != after[p]]
+    assert changed == ["best.pth"]  # only the final copy is rewritten
+
+
+def test_presets_set_flags_and_stay_overridable(synthetic_root, tmp_path):
+    parser = sscd_train.add_sscd_args(train_ACDC_SSCD.base_parser("t", "ACDC", 4, 7))
+    args = train_ACDC_SSCD.parse_args(parser, ["--method", "bcp"], sscd_train.PRESETS)
+    assert (args.students, args.displacement, args.sda, args.hca_weights) == (1, "none", "off", "0,0,0,1")
+    args = train_ACDC_SSCD.parse_args(parser, ["--method", "abd", "--patch_size", "16"], sscd_train.PRESETS)
+    assert (args.displacement, args.patch_size, args.students) == ("abd", 16, 2)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"method": "bcp", "ds_weight": 0.25}))
+    args = train_ACDC_SSCD.parse_args(parser, ["--config", str(config)], sscd_train.PRESETS)
+    assert (args.method, args.students, args.ds_weight) == ("bcp", 1, 0.25)  # YAML beats the preset
+
+
+def test_bad_sscd_flags_are_refused(synthetic_root, tmp_path, capsys):
+    for flags, word in ((["--batch_size", "6"], "--batch_size"), (["--patch_size", "12"], "--patch_size"),
+                        (["--students", "1"], "--displacement"), (["--start_stage", "9"], "--start_stage"),
+                        (["--hca_weights", "1,0,0"], "--hca_weights")):
+        with pytest.raises(SystemExit):
+            train(synthetic_root, tmp_path, *flags)
+        assert word in capsys.readouterr().err
+
+
+def test_end_to_end_on_acdc_every_stage_then_test_script(acdc_root, tmp_path):
+    final = train(acdc_root, tmp_path, "--image_size", "64", "--patch_size", "16", "--labelnum", "1" if
+                  "synthetic" not in str(acdc_root) else "3", "--pre_iterations", "4", "--stage_iterations", "2",
+                  "--val_interval", "2")
+    assert final == tmp_path / "best.pth"
+    for stage in ["pretrain"] + [f"stage_{k}" for k in range(1, 6)]:
+        folder = tmp_path / stage
+        assert (folder / "best.pth").is_file() and (folder / "last.pth").is_file(), stage
+        assert list((folder / "tb").glob("events.out.tfevents.*")), stage
+        assert load_checkpoint(folder / "last.pth")["finished"]
+    assert (tmp_path / "log.txt").read_text().count("[stage 5]") == 1
+    summary = test_ACDC.main(["--checkpoint", str(final), "--split", "val", "--out", str(tmp_path / "eval"),
+                         "--workers", "0", "--no_predictions", "--device", "cpu"])
+    saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert saved["split"] == "val" and saved["cases"] == len((acdc_root / "val.list").read_text().split())
+    assert len(saved["dice"]["per_class"]) == 3 and 0 <= summary["dice"]["mean"] <= 1
