@@ -5,23 +5,11 @@
 
 --labelnum counts cases: the labeled set is every slice of the first --labelnum cases of train.list.
 """
-from utils.config import base_parser, parse_args
-from utils.run import Run
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, train_sscd
+from utils.cli import train_main
 
 
 def main(argv=None):
-    parser = add_sscd_args(base_parser(__doc__.splitlines()[0], "PROMISE12", num_classes=2, labelnum=7))
-    parser.set_defaults(exp="PROMISE12_SSCD", max_iterations=None)
-    args = parse_args(parser, argv, PRESETS)
-    stages = check_sscd_args(parser, args)
-    run = Run(args, "PROMISE12")
-    try:
-        final = train_sscd(run, stages)
-        run.logger.info(f"final model: {final}")
-    finally:
-        run.close()
-    return final
+    return train_main("PROMISE12", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import train_ACDC_SSCD
 import test_ACDC
 from utils import sscd_train
 from utils.checkpoint import load_checkpoint
+from utils.config import base_parser, parse_args
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--patch_size", "8", "--top_num", "4",
         "--device", "cpu", "--num_workers", "0", "--log_interval", "1", "--labelnum", "3"]
@@ -130,14 +131,14 @@ def test_resume_skips_finished_stages(synthetic_root, tmp_path):
 
 
 def test_presets_set_flags_and_stay_overridable(synthetic_root, tmp_path):
-    parser = sscd_train.add_sscd_args(train_ACDC_SSCD.base_parser("t", "ACDC", 4, 7))
-    args = train_ACDC_SSCD.parse_args(parser, ["--method", "bcp"], sscd_train.PRESETS)
+    parser = sscd_train.add_sscd_args(base_parser("t", "ACDC", 4, 7))
+    args = parse_args(parser, ["--method", "bcp"], sscd_train.PRESETS)
     assert (args.students, args.displacement, args.sda, args.hca_weights) == (1, "none", "off", "0,0,0,1")
-    args = train_ACDC_SSCD.parse_args(parser, ["--method", "abd", "--patch_size", "16"], sscd_train.PRESETS)
+    args = parse_args(parser, ["--method", "abd", "--patch_size", "16"], sscd_train.PRESETS)
     assert (args.displacement, args.patch_size, args.students) == ("abd", 16, 2)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"method": "bcp", "ds_weight": 0.25}))
-    args = train_ACDC_SSCD.parse_args(parser, ["--config", str(config)], sscd_train.PRESETS)
+    args = parse_args(parser, ["--config", str(config)], sscd_train.PRESETS)
     assert (args.method, args.students, args.ds_weight) == ("bcp", 1, 0.25)  # YAML beats the preset
 
 
@@ -166,3 +167,15 @@ def test_end_to_end_on_acdc_every_stage_then_test_script(acdc_root, tmp_path):
     saved = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert saved["split"] == "val" and saved["cases"] == len((acdc_root / "val.list").read_text().split())
     assert len(saved["dice"]["per_class"]) == 3 and 0 <= summary["dice"]["mean"] <= 1
+
+
+def test_frozen_bn_statistics_keeps_running_stats_but_normalises_by_batch():
+    bn = torch.nn.BatchNorm2d(1).train()
+    x = torch.randn(4, 1, 3, 3) * 5 + 3
+    with sscd_train.frozen_bn_statistics(bn):
+        y = bn(x)
+    assert torch.equal(bn.running_mean, torch.zeros(1)) and torch.equal(bn.running_var, torch.ones(1))
+    assert abs(float(y.mean())) < 1e-5  # batch statistics were used
+    assert bn.momentum == 0.1
+    bn(x)
+    assert not torch.equal(bn.running_mean, torch.zeros(1))

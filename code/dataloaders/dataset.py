@@ -192,7 +192,10 @@ class BatchStream:
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             return
         for index in self.sampler:
-            idx = torch.as_tensor(index, device=self.device)
+            idx = torch.as_tensor(index)
+            if self.device.type == "cuda":  # a pinned source makes the copy asynchronous (no host sync)
+                idx = idx.pin_memory()
+            idx = idx.to(self.device, non_blocking=True)
             yield augment(self.cache.images[idx], self.cache.labels[idx].long(), self.generator, self.strong)
 
 

@@ -37,6 +37,20 @@ def base_parser(description, dataset, num_classes, labelnum):
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (with --aug_device loader)")
     p.add_argument("--deterministic", type=int, default=1, choices=[0, 1],
                    help="1: cudnn deterministic, no benchmark")
+    g = p.add_argument_group("speed and scale (bench/README.md)")
+    g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="mixed precision of the network forwards (losses in float32); auto: bf16 on CUDA, "
+                        "off on the CPU; fp16 adds a gradient scaler")
+    g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
+                   help="NHWC memory format for the networks and their inputs; auto: on (faster on CUDA "
+                        "and, measured, on the CPU)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the network forwards (falls back to eager with a warning if it fails)")
+    g.add_argument("--lcc", choices=["auto", "device", "scipy"], default="auto",
+                   help="largest-component filter of the pseudo-labels: on the training device or with "
+                        "scipy on the CPU (equal results); auto: device on CUDA, scipy on the CPU (faster there)")
+    g.add_argument("--sync_bn", action="store_true",
+                   help="under torchrun: SyncBatchNorm in the students (batch statistics over all ranks; CUDA only)")
     return p
 
 
@@ -78,6 +92,8 @@ def parse_args(parser, argv=None, presets=None):
         parser.error(f"--labeled_bs {args.labeled_bs} must be in 1..--batch_size ({args.batch_size})")
     if args.image_size % 16:
         parser.error(f"--image_size {args.image_size} must be divisible by 16")
+    if args.sync_bn and not str(args.device).startswith("cuda"):
+        parser.error(f"--sync_bn: SyncBatchNorm needs CUDA devices, got --device {args.device}")
     for flag in ("max_iterations", "val_interval", "log_interval"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be positive")

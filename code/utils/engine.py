@@ -8,6 +8,11 @@ writes ``last.pth`` (every validation) and ``best.pth`` (best score on val.list)
 log intervals: the only host synchronisation is at logging/validation time, where a
 non-finite loss stops the run naming the first bad iteration (the checkpoints on disk are
 from before it).
+
+Under torchrun (``utils.distributed``) every rank runs the steps; the logged losses are means
+over the ranks, a non-finite loss on any rank stops all of them, and only rank 0 validates,
+writes tensorboard and checkpoints; the ranks meet at a barrier before returning, so the
+checkpoints exist for whatever the caller loads next.
 """
 import logging
 import random
@@ -20,6 +25,7 @@ import torch
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from utils import distributed
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
 
 
@@ -36,16 +42,19 @@ def seed_everything(seed, deterministic=True):
     torch.backends.cudnn.benchmark = not deterministic
 
 
-def get_logger(save_dir, name):
-    """A logger writing to ``save_dir/log.txt`` and stdout (handlers replaced, never duplicated)."""
-    logger = logging.getLogger(f"sscd.{name}.{Path(save_dir).resolve()}")
-    logger.setLevel(logging.INFO)
+def get_logger(save_dir, name, quiet=False):
+    """A logger writing to ``save_dir/log.txt`` and stdout (handlers replaced, never duplicated);
+    ``quiet`` (the ranks other than 0): warnings only, to stdout only."""
+    logger = logging.getLogger(f"sscd.{name}.{Path(save_dir).resolve()}.{'quiet' if quiet else 'main'}")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(Path(save_dir) / "log.txt"), logging.StreamHandler(sys.stdout)):
+    handlers = [logging.StreamHandler(sys.stdout)] if quiet else [logging.FileHandler(Path(save_dir) / "log.txt"),
+                                                                 logging.StreamHandler(sys.stdout)]
+    for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
@@ -100,8 +109,10 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
 
     ``on_validate(writer, iteration)`` may add images to tensorboard at each validation.
     """
+    main_rank = distributed.is_main()
     save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        save_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = save_dir / "last.pth", save_dir / "best.pth"
     start, best = 0, (-1.0, -1)
     if resume and last_path.is_file():
@@ -111,7 +122,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
         if state.get("finished"):
             return state
-    writer = SummaryWriter(str(save_dir / "tb"))
+    writer = SummaryWriter(str(save_dir / "tb")) if main_rank else None
     device_sums, count = {}, 0
     first_bad = None
     t0 = time.time()
@@ -131,24 +142,26 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             count += 1
             is_val = it % val_interval == 0 or it == iterations
             if it % log_interval == 0 or is_val:
-                bad_it = int(first_bad)
+                bad_it, means = _gather(first_bad, device_sums, count)
                 if bad_it >= 0:
                     saved = (f"The last good checkpoint is {last_path}" if last_path.is_file()
                              else "No checkpoint was written")
                     raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. {saved}")
-                means = {k: float(v) / count for k, v in device_sums.items()}
-                for k, v in means.items():
-                    writer.add_scalar(f"{name}/{k}", v, it)
-                for key, opt in optimizers.items():
-                    writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
+                if main_rank:
+                    for k, v in means.items():
+                        writer.add_scalar(f"{name}/{k}", v, it)
+                    for key, opt in optimizers.items():
+                        writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
                 if logger:
                     text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
                     logger.info(f"[{name}] it {it}/{iterations} {text} ({(time.time() - t0) / max(count, 1):.3f}s/it)")
                 device_sums, count, t0 = {}, 0, time.time()
-            if is_val:
+            if is_val and main_rank:
                 for m in models.values():
                     m.eval()
+                t_val = time.time()
                 score, scalars = validate()
+                t_val = time.time() - t_val
                 for k, v in scalars.items():
                     writer.add_scalar(f"{name}/val_{k}", v, it)
                 if on_validate:
@@ -161,8 +174,24 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                     save_checkpoint(state, best_path)
                 save_checkpoint(state, last_path)
                 if logger:
-                    logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]})")
+                    logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]}; "
+                                f"validation {t_val:.2f}s)")
                 t0 = time.time()  # the next s/it excludes validation and checkpoint writing
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+    distributed.barrier()
     return _state(models, optimizers, it, best, config, finished=True)
+
+
+def _gather(first_bad, device_sums, count):
+    """(first non-finite iteration or -1, {loss: mean}) over this log interval and every rank:
+    one host read (two small all-reduces under torchrun)."""
+    keys = list(device_sums)
+    sums = distributed.all_reduce(torch.stack([device_sums[k] for k in keys]))
+    never = 2 ** 31  # above any iteration count, exact as a double
+    bad = distributed.all_reduce(torch.where(first_bad < 0, never, first_bad).to(torch.int64).view(1), "min")
+    values = torch.cat([sums.double(), bad.double()]).tolist()
+    bad_it = int(values[-1])
+    means = {k: v / (count * distributed.world_size()) for k, v in zip(keys, values[:-1])}
+    return (-1 if bad_it == never else bad_it), means

@@ -3,7 +3,8 @@
 Protocol (as the published ACDC tables): every slice is resized to the network size with
 nearest-neighbour interpolation, the argmax is resized back the same way and the slices are
 stacked into a volume; metrics are computed in 3-D per foreground class. All slices of a
-volume go through the network in batched forwards.
+volume go through the network in batched forwards. Validation during training (``Validator``)
+keeps its volumes on the device and counts the Dice there: one host read per validation.
 """
 from concurrent.futures import ProcessPoolExecutor
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from dataloaders.dataset import resize_nearest, volume_spacing
-from utils.metrics import case_metrics, dice_per_class
+from utils.metrics import case_metrics
 
 
 @torch.no_grad()
@@ -30,13 +31,47 @@ def predict_volume(model, image, image_size, device, batch_size=64):
     return pred.cpu().numpy()
 
 
-def validation_dice(model, volumes, num_classes, image_size, device):
-    """Mean over volumes of the per-class Dice (classes 1..C-1) and its class mean, for model selection."""
-    per_case = np.stack([
-        dice_per_class(predict_volume(model, v["image"], image_size, device), v["label"], num_classes)
-        for v in volumes])
-    per_class = per_case.mean(axis=0)
-    return float(per_class.mean()), {f"dice_class{c + 1}": float(d) for c, d in enumerate(per_class)}
+class Validator:
+    """Validation Dice for model selection: the mean over volumes of the per-class Dice (classes
+    1..C-1, the rule of ``utils.metrics.dice_per_class``) and its class mean.
+
+    The volumes are uploaded once, on the first call: every slice resized to the network size in
+    one (S, 1, size, size) tensor, the labels at their own size. A call runs all slices of all
+    volumes through ``forward`` in batches of ``batch_size``, resizes each volume's argmax back,
+    and counts each volume's confusion matrix with a scatter on the device.
+    """
+
+    def __init__(self, volumes, num_classes, image_size, device, batch_size=128):
+        self.volumes, self.num_classes, self.image_size = volumes, num_classes, image_size
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.slices = None
+
+    def _upload(self):
+        size = (self.image_size, self.image_size)
+        self.slices = torch.cat([resize_nearest(torch.as_tensor(v["image"], dtype=torch.float32), size)
+                                 for v in self.volumes])[:, None].to(self.device)
+        self.labels = [torch.as_tensor(v["label"]).to(self.device, torch.long) for v in self.volumes]
+
+    @torch.no_grad()
+    def __call__(self, forward):
+        """``(score, {"dice_class<c>": dice})`` of ``forward`` (a model in eval mode, or any callable
+        from a (B, 1, S, S) batch to logits)."""
+        if self.slices is None:
+            self._upload()
+        c = self.num_classes
+        preds = torch.cat([forward(self.slices[i:i + self.batch_size]).argmax(dim=1)
+                           for i in range(0, self.slices.shape[0], self.batch_size)])
+        dice, start = [], 0
+        for label in self.labels:
+            pred = resize_nearest(preds[start:start + label.shape[0]], label.shape[-2:])
+            start += label.shape[0]
+            index = (pred * c + label).flatten()
+            confusion = torch.zeros(c * c, dtype=torch.long, device=self.device).scatter_add_(
+                0, index, torch.ones_like(index)).view(c, c).double()
+            inter, total = confusion.diagonal()[1:], (confusion.sum(0) + confusion.sum(1))[1:]
+            dice.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
+        per_class = torch.stack(dice).mean(dim=0).tolist()
+        return float(np.mean(per_class)), {f"dice_class{k + 1}": d for k, d in enumerate(per_class)}
 
 
 def _case_metrics(args):

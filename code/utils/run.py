@@ -1,16 +1,22 @@
 """Run set-up shared by the trainers: dataset root (or the synthetic default), output folder,
-logger, seeds, the saved config, and the supervised (labeled-only) training step."""
+logger, seeds, the saved config, how the networks are built and called (precision, memory
+format, compilation, multi-process training; see bench/README.md), and the supervised
+(labeled-only) training step."""
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 
 from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load_volumes
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
+from utils import distributed
 from utils.config import resolve_save_dir, save_config
 from utils.engine import close_logger, get_logger, seed_everything, train_loop
-from utils.evaluation import validation_dice
+from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
 
 SYNTHETIC_ROOT = Path("data") / "synthetic_ACDC"
@@ -20,6 +26,70 @@ LABEL_TABLES = {"ACDC": ACDC_LABELED_SLICES, "PROMISE12": None}
 # datasets whose raw files must be converted first: the command, shown when --root_path is not converted
 PREPROCESS_COMMANDS = {"PROMISE12": "python code/dataloaders/preprocess_promise12.py --raw {root} --out <folder> "
                                     "--image_size {size}"}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+# rank r draws its batches, boxes and dropout from seed + r * RANK_SEED_STRIDE (rank 0: the plain seeds)
+RANK_SEED_STRIDE = 100003
+# what a failing torch.compile raises at the first call; the forward then falls back to eager
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError)
+
+
+def resolve_speed_flags(args, device):
+    """Replace the ``auto`` values of --amp, --channels_last and --lcc by what ``device`` gets
+    (saved so in config.yaml): bf16 on CUDA and fp32 on the CPU; channels_last everywhere (faster
+    on CUDA and, measured, on the CPU); the device LCC on CUDA, scipy on the CPU (faster there)."""
+    cuda = torch.device(device).type == "cuda"
+    if args.amp == "auto":
+        args.amp = "bf16" if cuda else "off"
+    if args.channels_last == "auto":
+        args.channels_last = "on"
+    if args.lcc == "auto":
+        args.lcc = "device" if cuda else "scipy"
+    return args
+
+
+def _float(out):
+    """Network outputs (a tensor, or logits and a list of head logits) as float32."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    logits, heads = out
+    return logits.float(), [h.float() for h in heads]
+
+
+class Forward:
+    """``model(x, heads=...)`` as training calls it: the input in the model's memory format, the
+    network under autocast (``amp_dtype``; None: fp32) with float32 outputs, so every loss is
+    computed in float32; with ``compile``, through ``torch.compile`` (one graph per input shape
+    and mode), falling back to eager for good, with a logged warning, if compilation fails."""
+
+    def __init__(self, model, amp_dtype=None, channels_last=False, compile=False, logger=None):
+        self.model, self.amp_dtype, self.channels_last, self.logger = model, amp_dtype, channels_last, logger
+        self.compiled = self._compile() if compile else None
+
+    def _compile(self):
+        try:
+            return torch.compile(self.model, dynamic=False)
+        except (RuntimeError, *COMPILE_ERRORS) as err:  # e.g. torch.compile unsupported on this Python
+            self._warn(err)
+            return None
+
+    def _warn(self, err):
+        if self.logger:
+            self.logger.warning(f"torch.compile failed, running eager instead: {type(err).__name__}: "
+                                f"{str(err).splitlines()[0] if str(err) else ''}")
+
+    def __call__(self, x, heads=False):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(x.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            if self.compiled is not None:
+                try:
+                    return _float(self.compiled(x, heads=heads))
+                except COMPILE_ERRORS as err:
+                    self._warn(err)
+                    self.compiled = None
+            return _float(self.model(x, heads=heads))
 
 
 class Run:
@@ -29,23 +99,31 @@ class Run:
         if dataset not in LABEL_TABLES:
             raise ValueError(f"unknown dataset {dataset!r}")
         self.args, self.dataset = args, dataset
+        self.device = distributed.setup(args.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        main = self.rank == 0
         self.save_dir = resolve_save_dir(args)
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.logger = get_logger(self.save_dir, args.exp)
+        self.logger = get_logger(self.save_dir, args.exp, quiet=not main)
         self.synthetic = args.root_path is None
         if self.synthetic:
             if dataset != "ACDC":
                 raise SystemExit(f"--root_path is required for {dataset} (see README: preprocessing)")
-            args.root_path = str(make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS))
+            if main:
+                make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS)
+            distributed.barrier()  # the other ranks read what rank 0 wrote
+            args.root_path = str(SYNTHETIC_ROOT)
             self.logger.info(f"no --root_path given: using the synthetic ACDC-layout data in {args.root_path} "
                              f"({SYNTHETIC_PATIENTS} patients; --labelnum counts patients, not the ACDC table)")
         self.root = check_root(args.root_path).resolve()
         args.root_path = str(self.root)
         self._check_preprocessed()
-        self.device = torch.device(args.device)
-        seed_everything(args.seed, args.deterministic)
-        self.config = save_config(args, self.save_dir)
-        self.logger.info(f"save_dir: {self.save_dir}")
+        resolve_speed_flags(args, self.device)
+        self.amp_dtype, self.channels_last = AMP_DTYPES[args.amp], args.channels_last == "on"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+        seed_everything(self.seed(args.seed), args.deterministic)
+        self.config = save_config(args, self.save_dir) if main else vars(args).copy()
+        self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
 
     def _check_preprocessed(self):
         """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
@@ -70,18 +148,66 @@ class Run:
     def val_volumes(self):
         return load_volumes(self.root, "val", self.args.num_classes)
 
-    def model(self):
-        return build_model(self.args.num_classes).to(self.device)
+    def seed(self, base):
+        """This rank's seed for ``base`` (``base`` itself in a single process)."""
+        return base + self.rank * RANK_SEED_STRIDE
+
+    def stream(self, data, labeled_bs, unlabeled_bs, strong, seed):
+        """This rank's endless training batches (``TrainData.stream`` with the rank's seed)."""
+        a = self.args
+        return iter(data.stream(labeled_bs, unlabeled_bs, self.device, a.aug_device, a.num_workers, strong=strong,
+                                seed=self.seed(seed)))
+
+    def generator(self, seed):
+        """A torch.Generator on the training device seeded for this rank."""
+        return torch.Generator(device=self.device).manual_seed(self.seed(seed))
+
+    def model(self, student=False):
+        """The network on this rank's device, channels_last if on; a ``student`` gets SyncBatchNorm
+        under torchrun with --sync_bn."""
+        model = build_model(self.args.num_classes)
+        if student and self.args.sync_bn:
+            model = distributed.convert_sync_bn(model)
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def forward(self, model, compile=None):
+        """The ``Forward`` callable for ``model`` (``compile`` defaults to --compile)."""
+        compile = self.args.compile if compile is None else compile
+        return Forward(model, self.amp_dtype, self.channels_last, compile, self.logger)
+
+    def parallel(self, students, find_unused):
+        """``distributed.Parallel`` over the trained networks (a plain call in a single process)."""
+        return distributed.Parallel(students, self.device, find_unused)
 
     def optimizer(self, model):
-        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr, momentum=0.9, weight_decay=1e-4)
+        """SGD 0.01/0.9/1e-4 as the reference; the fused kernel on CUDA (one launch, and no host
+        read for the fp16 gradient scaler)."""
+        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr, momentum=0.9, weight_decay=1e-4,
+                               fused=True if self.device.type == "cuda" else None)
+
+    def update(self, loss, optimizers, students):
+        """Backward of ``loss`` (scaled with --amp fp16), one step of each optimizer, then the
+        students' BatchNorm statistics averaged over the ranks."""
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        for opt in optimizers:
+            self.scaler.step(opt)
+        self.scaler.update()
+        distributed.sync_buffers(students)
 
     def validator(self, model, volumes):
+        """``validate()`` for train_loop: the Dice of ``model`` on ``volumes`` (eager, with the run's
+        precision and memory format)."""
         a = self.args
-        return lambda: validation_dice(model, volumes, a.num_classes, a.image_size, self.device)
+        validator = Validator(volumes, a.num_classes, a.image_size, self.device)
+        forward = self.forward(model, compile=False)
+        return lambda: validator(forward)
 
     def close(self):
         close_logger(self.logger)
+        distributed.teardown()
 
 
 def train_supervised(run, iterations=None):
@@ -90,16 +216,15 @@ def train_supervised(run, iterations=None):
     a = run.args
     iterations = iterations or a.max_iterations
     data, volumes = run.train_data(), run.val_volumes()
-    model = run.model()
+    model = run.model(student=True)
     opt = run.optimizer(model)
-    stream = iter(data.stream(a.labeled_bs, 0, run.device, a.aug_device, a.num_workers, strong=False, seed=a.seed))
+    forward, parallel = run.forward(model), run.parallel([model], find_unused=True)  # the heads are unused
+    stream = run.stream(data, a.labeled_bs, 0, strong=False, seed=a.seed)
 
     def step(it):
         batch = next(stream)
-        loss = ce_dice_loss(model(batch["image"]), batch["label"], a.num_classes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = parallel(lambda: ce_dice_loss(forward(batch["image"]), batch["label"], a.num_classes))
+        run.update(loss, [opt], [model])
         return {"loss": loss}
 
     state = train_loop(save_dir=run.save_dir, iterations=iterations, step=step, models={"model": model},

@@ -3,8 +3,9 @@
 Conventions: images (B, 1, H, W) float, label maps (B, H, W) long, logits / probabilities
 (B, C, H, W). Regions are the cells of a grid of ``patch x patch`` squares, numbered in raster
 order (``row * grid_w + col``). Randomness only through an explicit ``torch.Generator``.
-Every function works on the device of its inputs (except ``largest_component_per_class``, which
-round-trips through the CPU, see there).
+Every function works on the device of its inputs without a host synchronisation, except
+``largest_component_per_class`` (scipy on the CPU: one round trip) and its device twin
+``largest_component_per_class_device`` (one 1-byte convergence check per ``check_every`` rounds).
 
 See docs/SSCD.md Part A for the method and Part B for the reference code's behaviour.
 """
@@ -23,7 +24,7 @@ __all__ = [
     "hca_maps",
     "region_means", "neighbour_contrast", "region_hardness",
     "disc_mask", "cgsr",
-    "largest_component_per_class", "pseudo_labels",
+    "LCC_IMPLS", "largest_component_per_class", "largest_component_per_class_device", "pseudo_labels",
     "center_disc_mask", "center_disc_dice",
     "parse_hca_schedule", "split_iterations",
 ]
@@ -45,7 +46,8 @@ def bcp_box_mask(batch, height, width, ratio=2 / 3, generator=None, device=None)
     The box has side ``int(H * ratio) x int(W * ratio)``; its top-left corner is uniform over
     all positions where the box fits, i.e. rows ``[0, H - box_h]`` and cols ``[0, W - box_w]``
     (the reference draws from ``[0, H - box_h)``, one position fewer). The corner is drawn with
-    ``generator`` (on the generator's device; default CPU), the mask is built on ``device``.
+    ``generator`` (on the generator's device; default CPU), the mask is built on ``device``; the
+    corner stays a tensor, so a CUDA generator costs no host synchronisation.
     The result is an expanded (read-only) view of one (H, W) mask; ``.clone()`` it to write.
     """
     if batch < 1 or height < 1 or width < 1:
@@ -54,10 +56,10 @@ def bcp_box_mask(batch, height, width, ratio=2 / 3, generator=None, device=None)
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
     bh, bw = int(height * ratio), int(width * ratio)
     gen_device = generator.device if generator is not None else "cpu"
-    top = int(torch.randint(0, height - bh + 1, (1,), generator=generator, device=gen_device))
-    left = int(torch.randint(0, width - bw + 1, (1,), generator=generator, device=gen_device))
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
+    top = torch.randint(0, height - bh + 1, (1,), generator=generator, device=gen_device).to(rows.device)
+    left = torch.randint(0, width - bw + 1, (1,), generator=generator, device=gen_device).to(rows.device)
     in_rows = (rows >= top) & (rows < top + bh)
     in_cols = (cols >= left) & (cols < left + bw)
     box = in_rows[:, None] & in_cols[None, :]
@@ -417,13 +419,97 @@ def largest_component_per_class(labels, num_classes):
     return torch.from_numpy(out).to(device=labels.device, dtype=labels.dtype)
 
 
-def pseudo_labels(logits, num_classes, lcc=True):
+# the four "forward" neighbours (right, down, down-right, down-left): every 8-connected pair once
+_FORWARD_NEIGHBOURS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def _same_class_neighbours(labels, foreground):
+    """(4, B*H*W) long: per forward direction, the flat index of each pixel's neighbour when both
+    are foreground of the same class, else the pixel's own index (a self-loop, inert below)."""
+    b, h, w = labels.shape
+    own = torch.arange(b * h * w, device=labels.device).view(b, h, w)
+    padded = torch.nn.functional.pad(torch.where(foreground, labels, -1), (1, 1, 1, 1), value=-1)
+    out = []
+    for dy, dx in _FORWARD_NEIGHBOURS:
+        same = (padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] == labels) & foreground
+        out.append(torch.where(same, own + dy * w + dx, own).flatten())
+    return torch.stack(out)
+
+
+def _component_roots(labels, foreground, check_every):
+    """(B*H*W,) long: for each foreground pixel the flat index of the first pixel (raster order)
+    of its 8-connected same-class component; background pixels point at themselves.
+
+    Label equivalence on the device: every pixel starts as its own root; each round hooks, for
+    every same-class neighbour pair, the larger of their two labels onto the smaller
+    (``scatter_reduce`` amin) and then halves every pointer path (``root = root[root]``). Labels
+    only decrease and always name a pixel of the same component, so the fixpoint is the
+    component minimum. Convergence is checked (one host read) every ``check_every`` rounds.
+    """
+    neighbours = _same_class_neighbours(labels, foreground)
+    root = torch.arange(neighbours.shape[1], device=labels.device)
+    while True:
+        for _ in range(check_every):
+            before = root
+            other = root[neighbours]
+            mine = root.expand_as(other)
+            root = root.scatter_reduce(0, torch.maximum(mine, other).flatten(),
+                                       torch.minimum(mine, other).flatten(), "amin")
+            root = root[root]
+        if torch.equal(before, root):
+            return root
+
+
+def largest_component_per_class_device(labels, num_classes, check_every=None):
+    """``largest_component_per_class`` computed on the labels' device (same result, same tie rule).
+
+    Components come from ``_component_roots``; sizes and the per-(image, class) winner are
+    scatter reductions (no ``bincount``, whose output size would need a host read): the largest
+    component wins, equal sizes go to the smaller root, i.e. the component whose first pixel
+    comes first in raster order, as scipy's numbering does. ``check_every`` (default
+    ``ceil(log2(max(H, W))) + 4``, enough for compact shapes to converge before the first check)
+    sets how many rounds run between two convergence checks.
+    """
+    if labels.dim() != 3:
+        raise ValueError(f"labels must be (B, H, W), got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    b, h, w = labels.shape
+    if check_every is None:
+        check_every = math.ceil(math.log2(max(h, w, 2))) + 4
+    foreground = (labels > 0) & (labels < num_classes)
+    root = _component_roots(labels, foreground, check_every)
+    fg = foreground.flatten()
+    size = torch.zeros_like(root).scatter_add_(0, root, fg.long())[root]
+    # one group per (image, class); background pixels go to a spare group at the end
+    image = torch.arange(b, device=labels.device).repeat_interleave(h * w)
+    spare = b * num_classes
+    group = torch.where(fg, image * num_classes + labels.flatten().long(), spare)
+    best = torch.zeros(spare + 1, dtype=size.dtype, device=labels.device)
+    best = best.scatter_reduce(0, group, size, "amax")
+    candidate = fg & (size == best[group])
+    winner = torch.full((spare + 1,), root.numel(), dtype=root.dtype, device=labels.device)
+    winner = winner.scatter_reduce(0, torch.where(candidate, group, spare), root, "amin")
+    keep = ~fg | (root == winner[group])
+    return torch.where(keep.view(b, h, w), labels, torch.zeros_like(labels))
+
+
+LCC_IMPLS = ("scipy", "device")
+
+
+def pseudo_labels(logits, num_classes, lcc=True, lcc_impl="scipy"):
     """(B, C, H, W) logits -> (B, H, W) long: argmax over classes, then (if ``lcc``) the
-    largest-component-per-class filter."""
+    largest-component-per-class filter, with scipy on the CPU (``lcc_impl='scipy'``) or on the
+    logits' device (``'device'``, ``largest_component_per_class_device``); the results are equal."""
     if logits.dim() != 4 or logits.shape[1] != num_classes:
         raise ValueError(f"logits must be (B, {num_classes}, H, W), got {tuple(logits.shape)}")
+    if lcc_impl not in LCC_IMPLS:
+        raise ValueError(f"lcc_impl must be one of {LCC_IMPLS}, got {lcc_impl!r}")
     labels = logits.detach().argmax(dim=1)
-    return largest_component_per_class(labels, num_classes) if lcc else labels
+    if not lcc:
+        return labels
+    filter_ = largest_component_per_class_device if lcc_impl == "device" else largest_component_per_class
+    return filter_(labels, num_classes)
 
 
 # --------------------------------------------------------------------------------------------

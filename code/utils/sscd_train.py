@@ -5,6 +5,7 @@ their HCA weight vector, whether the centre-disc loss is on, and the checkpoint 
 from (the previous stage's best on val.list). The method pieces are the pure functions of
 ``utils.sscd`` and ``utils.losses``; this module wires them into training steps.
 """
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -149,87 +150,116 @@ def _weighted(outputs, loss_fn, ds_weight):
     return main + ds_weight * loss_fn(outputs[:-1])
 
 
-def pretrain(run, save_dir, iterations, data, volumes):
-    """BCP copy-paste of labeled pairs, plus the SDA from ``--sda_start`` on; one U-Net."""
+@contextmanager
+def frozen_bn_statistics(model):
+    """BatchNorm layers normalise with batch statistics but leave their running statistics unchanged.
+
+    The SDA forward sees images that are ~80 % zeros; in the reference it updated the running
+    statistics too, which then no longer match real images at evaluation (val Dice collapsed as soon
+    as the SDA switched on in our CPU runs).
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
+
+
+def pretrain_step(run, data):
+    """The pre-training step (BCP copy-paste of labeled pairs, plus the SDA after ``--sda_start``;
+    one U-Net) and what train_loop saves: ``(step, models, optimizers)``."""
     a = run.args
-    model = run.model()
-    opt = run.optimizer(model)
-    half = a.labeled_bs // 2
-    stream = iter(data.stream(a.labeled_bs, 0, run.device, a.aug_device, a.num_workers, strong=False,
-                              seed=a.seed))
     if a.labeled_bs % 2:
         raise ValueError(f"--labeled_bs {a.labeled_bs}: pre-training mixes labeled pairs, it must be even")
-    gen = torch.Generator(device=run.device).manual_seed(a.seed)
-    size = a.image_size
+    model = run.model(student=True)
+    opt = run.optimizer(model)
+    forward = run.forward(model)
+    parallel = run.parallel([model], find_unused=a.ds_weight <= 0)  # untrained heads get no gradient
+    half, size = a.labeled_bs // 2, a.image_size
+    stream = run.stream(data, a.labeled_bs, 0, strong=False, seed=a.seed)
+    gen = run.generator(a.seed)
+
+    def losses_of(x, y, lab, box, sda):
+        outputs = _forward(forward, x)
+        lab_a, lab_b = lab[:half], lab[half:]
+        targets = [(lab_a, lab_b, 1.0, 1.0), (lab_b, lab_a, 1.0, 1.0)]
+        losses = {"mix": _weighted(outputs, lambda outs: _mix_terms(outs, targets, box, a.num_classes),
+                                   a.ds_weight)}
+        if sda:
+            keep = sda_mask(outputs[-1].detach(), a.sda_alpha)
+            x_sda, y_sda = apply_sda(x, y, keep)
+            with frozen_bn_statistics(model):  # mostly-zero images must not shift the eval statistics
+                out_sda = forward(x_sda)
+            losses["sda"] = (F.cross_entropy(out_sda, y_sda)
+                             + dice_loss(torch.softmax(out_sda, 1), y_sda, a.num_classes, mask=keep)) / 2
+        return losses
 
     def step(it):
         batch = next(stream)
         img, lab = batch["image"], batch["label"]
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
-        x = mix(img[:half], img[half:], box)
-        y = mix(lab[:half], lab[half:], box)
-        outputs = _forward(model, x)
-        logits = outputs[-1]
-        mix_l = _weighted(outputs, lambda outs: _mix_terms(
-            outs, [(lab[:half], lab[half:], 1.0, 1.0)], box, a.num_classes), a.ds_weight)
-        losses = {"mix": mix_l}
-        loss = mix_l
-        if a.sda == "on" and it > a.sda_start:
-            keep = sda_mask(logits.detach(), a.sda_alpha)
-            x_sda, y_sda = apply_sda(x, y, keep)
-            out_sda = model(x_sda)
-            sda_l = (F.cross_entropy(out_sda, y_sda)
-                     + dice_loss(torch.softmax(out_sda, 1), y_sda, a.num_classes, mask=keep)) / 2
-            losses["sda"] = sda_l
-            loss = loss + sda_l
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        # both complementary mixes of each labeled pair: as many images through the network as labeled slices
+        x = torch.cat([mix(img[:half], img[half:], box), mix(img[half:], img[:half], box)])
+        y = torch.cat([mix(lab[:half], lab[half:], box), mix(lab[half:], lab[:half], box)])
+        losses = parallel(lambda: losses_of(x, y, lab, box, a.sda == "on" and it > a.sda_start))
+        loss = sum(losses.values())
+        run.update(loss, [opt], [model])
         return {"loss": loss, **losses}
 
-    return train_loop(save_dir=save_dir, iterations=iterations, step=step, models={"model": model},
-                      optimizers={"model": opt}, validate=run.validator(model, volumes), config=run.config,
+    return step, {"model": model}, {"model": opt}
+
+
+def pretrain(run, save_dir, iterations, data, volumes):
+    """Pre-training (``pretrain_step``) for ``iterations``, checkpoints in ``save_dir``."""
+    a = run.args
+    step, models, opts = pretrain_step(run, data)
+    return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
+                      validate=run.validator(models["model"], volumes), config=run.config,
                       val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
                       logger=run.logger, name="pretrain")
 
 
-def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data, volumes):
-    """One curriculum stage: students on the weak (and strong) view, a teacher, BCP mix, CPS,
-    HCA, Decouple and CGSR; every network starts from ``init_path``."""
+def stage_step(run, stage, weights, init_weights, source, data):
+    """The step of curriculum stage ``stage`` (HCA ``weights``): students on the weak (and strong)
+    view, a teacher, BCP mix, CPS, HCA, Decouple and CGSR; every network starts from
+    ``init_weights`` (a state dict read from ``source``). Returns ``(step, models, optimizers,
+    images)``, ``images(writer, iteration)`` adding the step's last inputs and maps to tensorboard.
+
+    The students' whole computation (both forwards of each) runs inside one ``run.parallel``
+    call: one DDP forward per backward under torchrun (see ``utils.distributed``).
+    """
     a = run.args
-    init = load_checkpoint(init_path)
     names = ["model", "model_2", "teacher"] if a.students == 2 else ["model", "teacher"]
-    models = {name: run.model() for name in names}
+    models = {name: run.model(student=name != "teacher") for name in names}
     for m in models.values():
-        load_model_state(m, init["model"], init_path)
+        load_model_state(m, init_weights, source)
     teacher = models["teacher"]
     teacher.requires_grad_(False)
     students = [models["model"]] + ([models["model_2"]] if a.students == 2 else [])
+    forwards, teacher_forward = [run.forward(s) for s in students], run.forward(teacher)
+    parallel = run.parallel(students, find_unused=a.ds_weight <= 0)  # untrained heads get no gradient
     views = ["", "_strong"][:len(students)]
     opts = {name: run.optimizer(models[name]) for name in names if name != "teacher"}
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
-    stream = iter(data.stream(a.labeled_bs, a.labeled_bs, run.device, a.aug_device, a.num_workers,
-                              strong=a.students == 2, seed=a.seed + 1000 * stage))
-    gen = torch.Generator(device=run.device).manual_seed(a.seed + 1000 * stage)
+    stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
+    gen = run.generator(a.seed + 1000 * stage)
     vis = {}
 
-    def step(it):
-        b = _split_labeled(next(stream), half, views)
-        teacher.eval()
-        with torch.no_grad():
-            u_all = torch.cat([img for v in views for img in b["uimg" + v]])
-            plab = pseudo_labels(teacher(u_all), c).split(half)
-        box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
+    def losses_of(b, plab, box):
         losses, x, outs, probs = {}, [], [], []
-        for k, (view, student) in enumerate(zip(views, students)):
+        for k, (view, forward) in enumerate(zip(views, forwards)):
             (img_a, img_b), (uimg_a, uimg_b) = b["img" + view], b["uimg" + view]
             lab_a, lab_b = b["lab" + view]
             pl_a, pl_b = plab[2 * k], plab[2 * k + 1]
             # unlabeled outside the box with the labeled slice inside, and the reverse
             x.append(torch.cat([mix(uimg_a, img_a, box), mix(img_b, uimg_b, box)]))
             targets = [(pl_a, lab_a, a.u_weight, 1.0), (lab_b, pl_b, 1.0, a.u_weight)]
-            outs.append(_forward(student, x[k]))
+            outs.append(_forward(forward, x[k]))
             losses[f"mix{k + 1}"] = _weighted(outs[k], lambda o, t=targets: _mix_terms(o, t, box, c), a.ds_weight)
             probs.append(torch.softmax(outs[k][-1], 1))
         argmax = [p.detach().argmax(1) for p in probs]
@@ -245,21 +275,27 @@ def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data,
                     region_means(cls_w, patch), region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen,
                     direction=direction, paste=paste)
             x_swap = torch.cat([x_s2w, x_w2s])
-            q1, q2 = torch.softmax(students[0](x_swap), 1), torch.softmax(students[1](x_swap), 1)
+            q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
             z1, z2 = q1.detach().argmax(1), q2.detach().argmax(1)
             losses["cgsr1"], losses["cgsr2"] = dice_loss(q1, z2, c), dice_loss(q2, z1, c)
             if use_disc:
                 losses["disc1"], losses["disc2"] = center_disc_dice(q1, z2, c), center_disc_dice(q2, z1, c)
             vis.update(confidence=conf_w[:1], cgsr_weak=x_s2w[:1], cgsr_strong=x_w2s[:1])
+        vis.update(image=x[0][:1], pred=argmax[0][:1], pseudo=plab[0][:1])
+        return losses
+
+    def step(it):
+        b = _split_labeled(next(stream), half, views)
+        teacher.eval()
+        with torch.no_grad():
+            u_all = torch.cat([img for v in views for img in b["uimg" + v]])
+            plab = pseudo_labels(teacher_forward(u_all), c, lcc_impl=a.lcc).split(half)
+        box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
+        losses = parallel(lambda: losses_of(b, plab, box))
         loss = sum(losses.values())
-        for opt in opts.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in opts.values():
-            opt.step()
+        run.update(loss, opts.values(), students)
         if a.teacher == "ema":
             ema_update(teacher, students[0], a.ema_decay)
-        vis.update(image=x[0][:1], pred=argmax[0][:1], pseudo=plab[0][:1])
         return {"loss": loss, **losses}
 
     def images(writer, it):
@@ -268,11 +304,20 @@ def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data,
             img = value[0] if value.dim() == 4 else value[:1].float() * (scale if key in ("pred", "pseudo") else 1)
             writer.add_image(f"{tag}/{key}", img.float().cpu(), it)
 
+    return step, models, opts, images
+
+
+def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data, volumes):
+    """Curriculum stage ``stage`` (``stage_step``) for ``iterations`` from the weights in ``init_path``."""
+    a = run.args
+    step, models, opts, images = stage_step(run, stage, weights, load_checkpoint(init_path)["model"], init_path,
+                                            data)
+    use_disc = stage <= a.center_disc_stages
     run.logger.info(f"[stage {stage}] HCA weights {weights}, centre disc {'on' if use_disc else 'off'}, "
                     f"init {init_path}, {iterations} iterations")
     config = {**run.config, "stage": stage, "hca_stage_weights": list(weights)}
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
-                      validate=run.validator(students[0], volumes), config=config, val_interval=a.val_interval,
+                      validate=run.validator(models["model"], volumes), config=config, val_interval=a.val_interval,
                       log_interval=a.log_interval, resume=a.resume, logger=run.logger, name=f"stage_{stage}",
                       on_validate=images)
 
@@ -299,5 +344,6 @@ def train_sscd(run, stages):
         self_train_stage(run, k, stages[k - 1], init, stage_dir, a.stage_iterations[k - 1], data, volumes)
         init = stage_dir / "best.pth"
     final = save_dir / "best.pth"
-    save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
+    if run.rank == 0:
+        save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
     return final

@@ -1,0 +1,25 @@
+"""The command line of the SSCD trainers: one ``main`` shared by train_ACDC_SSCD.py and
+train_PROMISE12_SSCD.py (they differ only by the dataset's class count and defaults)."""
+from utils.config import base_parser, parse_args
+from utils.run import Run
+from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, train_sscd
+
+# dataset -> (number of classes, default --labelnum)
+DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}
+
+
+def train_main(dataset, description, argv=None):
+    """Parse the flags (preset < --config < command line), run pre-training and every stage, and
+    return the final checkpoint's path (also logged)."""
+    num_classes, labelnum = DATASETS[dataset]
+    parser = add_sscd_args(base_parser(description, dataset, num_classes=num_classes, labelnum=labelnum))
+    parser.set_defaults(exp=f"{dataset}_SSCD", max_iterations=None)
+    args = parse_args(parser, argv, PRESETS)
+    stages = check_sscd_args(parser, args)
+    run = Run(args, dataset)
+    try:
+        final = train_sscd(run, stages)
+        run.logger.info(f"final model: {final}")
+    finally:
+        run.close()
+    return final
