@@ -279,14 +279,14 @@ def forbid_host_sync(monkeypatch):
 
 
 def test_training_steps_do_not_read_the_device(synthetic_root, tmp_path, forbid_host_sync):
-    run = make_run(synthetic_root, tmp_path, "--lcc", "device", "--amp", "bf16")
+    run = make_run(synthetic_root, tmp_path, "--lcc", "device", "--amp", "bf16", "--sda_start", "0")
     data = run.train_data()
     pre, models, _ = pretrain_step(run, data)
     stage, *_ = stage_step(run, 1, (0.5, 0.5, 0, 0), models["model"].state_dict(), "pretrain", data)
     pre(1), stage(1)  # warm-up outside the guard
     equal_calls = forbid_host_sync()
     for it in (2, 3):
-        pre(it)  # --sda_start 0 at this size: both pre-training forwards
+        pre(it)  # with the SDA: both pre-training forwards
         stage(it)
     assert len(equal_calls) == 2  # one LCC convergence check per self-training step, nothing else
 

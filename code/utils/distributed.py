@@ -65,10 +65,9 @@ def barrier():
 
 
 def all_reduce(tensor, op="sum"):
-    """In place over the ranks: 'sum', 'min' or 'max' (no-op in a single process); returns it."""
+    """In place over the ranks: 'sum' or 'min' (no-op in a single process); returns it."""
     if world_size() > 1:
-        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
-                                    "max": dist.ReduceOp.MAX}[op])
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
     return tensor
 
 
