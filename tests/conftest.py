@@ -55,3 +55,14 @@ def synthetic_root(tmp_path_factory):
     """A small synthetic ACDC-layout data set (always generated, never the real data)."""
     from dataloaders.synthetic import make_synthetic_acdc
     return make_synthetic_acdc(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread per test: the tensors are tiny, and on a shared 2-core machine OpenMP
+    spin-waits make multi-threaded CPU runs crawl."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,14 +21,6 @@ from utils.engine import NonFiniteLoss, close_logger, get_logger, train_loop
 SCRIPT = Path(__file__).resolve().parents[1] / "code" / "train_ACDC_supervised.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waits make tiny CPU runs crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_args(root, save_dir, iterations, val_interval, log_interval=2, *extra):
     return ["--root_path", str(root), "--save_dir", str(save_dir), "--image_size", "32",

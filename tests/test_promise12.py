@@ -36,14 +36,6 @@ SPLITS = {"train": ["Case03", "Case00", "Case01"], "val": ["Case35"], "test": ["
 REAL_CASES = {"train": ["Case00", "Case01", "Case03"], "val": ["Case02"]}  # real train.list starts 00 01 03
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waits make tiny CPU runs crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gland(size_xyz, seed, every_slice):
     """(z, y, x) uint8: an off-centre ellipsoid gland, in every slice or absent from the first and last."""

@@ -21,14 +21,6 @@ from utils.sscd import largest_component_per_class, largest_component_per_class_
 from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- device LCC == scipy
 def random_maps(seed, n, h, w, classes, blocky):
     g = torch.Generator().manual_seed(seed)

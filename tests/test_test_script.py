@@ -26,14 +26,6 @@ CLASSES = ("RV", "Myo", "LV")
 STRUCTURE = np.ones((3, 3, 3))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waits make tiny CPU runs crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoint(synthetic_root, tmp_path_factory):

@@ -31,14 +31,6 @@ class IntensityModel(nn.Module):
         return (logits, [logits, logits, logits]) if heads else logits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP spin-waits make tiny CPU runs crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def synthetic_slice(h=16, w=20):
     """A label map with every class and an image at the class levels plus a deterministic ripple."""

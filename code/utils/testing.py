@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from dataloaders.dataset import load_volumes, volume_spacing
+from dataloaders.dataset import load_volumes
 from networks.unet import build_model
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.evaluation import evaluate_predictions, predict_volume
