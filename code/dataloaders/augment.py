@@ -64,8 +64,8 @@ def geometry_matrices(params):
     """
     mode, k = params["mode"], params["k"]
     n, device = mode.shape[0], mode.device
-    cos_q = torch.tensor([1.0, 0.0, -1.0, 0.0], device=device)[k]
-    sin_q = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)[k]
+    cos_q = (k == 0).float() - (k == 2).float()  # built on the device: no blocking host->device copy
+    sin_q = (k == 1).float() - (k == 3).float()
     theta = params["angle"] * (math.pi / 180.0)
     cos = torch.where(mode == 0, cos_q, torch.where(mode == 1, torch.cos(theta), torch.ones_like(theta)))
     sin = torch.where(mode == 0, sin_q, torch.where(mode == 1, torch.sin(theta), torch.zeros_like(theta)))
