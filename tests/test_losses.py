@@ -122,15 +122,15 @@ def test_mix_loss_weights_regions():
     # A fully wrong region (true class t, predicted class 2 != t) has Dice ~ (0+1+1+0)/4 = 0.5
     # and CE ~ 50 (logsumexp(50,0,0,0) - 0); a perfect region has ~0 of both.
     logits, t_out, t_in, box = _mix_case("in")
-    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=0.5, weight_in=1.0, num_classes=4)
+    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=0.5, weight_in=1.0, num_classes=4, dice="region")
     assert dice.item() == pytest.approx(1.0 * 0.5, abs=1e-4)
     assert ce.item() == pytest.approx(1.0 * 50.0, rel=1e-4)
     logits, t_out, t_in, box = _mix_case("out")
-    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=0.5, weight_in=1.0, num_classes=4)
+    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=0.5, weight_in=1.0, num_classes=4, dice="region")
     assert dice.item() == pytest.approx(0.5 * 0.5, abs=1e-4)
     assert ce.item() == pytest.approx(0.5 * 50.0, rel=1e-4)
     # swapping the weights swaps the result
-    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=1.0, weight_in=0.5, num_classes=4)
+    dice, ce = mix_loss(logits, t_out, t_in, box, weight_out=1.0, weight_in=0.5, num_classes=4, dice="region")
     assert dice.item() == pytest.approx(0.5, abs=1e-4)
     assert ce.item() == pytest.approx(50.0, rel=1e-4)
 
@@ -142,12 +142,44 @@ def test_mix_loss_equals_weighted_masked_terms():
     t_in = torch.randint(0, 3, (2, 5, 5), generator=g)
     box = torch.ones(2, 5, 5)
     box[:, 1:4, 0:3] = 0
-    dice, ce = mix_loss(logits, t_out, t_in, box, 0.5, 1.0, 3)
     p = torch.softmax(logits, dim=1)
+    ce_expected = 0.5 * masked_ce(logits, t_out, box).item() + masked_ce(logits, t_in, 1 - box).item()
+    dice, ce = mix_loss(logits, t_out, t_in, box, 0.5, 1.0, 3, dice="region")
     assert dice.item() == pytest.approx(0.5 * dice_loss(p, t_out, 3, box).item()
                                         + dice_loss(p, t_in, 3, 1 - box).item(), rel=1e-6)
-    assert ce.item() == pytest.approx(0.5 * masked_ce(logits, t_out, box).item()
-                                      + masked_ce(logits, t_in, 1 - box).item(), rel=1e-6)
+    assert ce.item() == pytest.approx(ce_expected, rel=1e-6)
+    dice, ce = mix_loss(logits, t_out, t_in, box, 0.5, 1.0, 3)  # joint: one Dice over the mixed target
+    mixed = torch.where(box > 0.5, t_out, t_in)
+    assert dice.item() == pytest.approx(dice_loss(p, mixed, 3, 0.5 * box + (1 - box)).item(), rel=1e-6)
+    assert ce.item() == pytest.approx(ce_expected, rel=1e-6)
+    # with equal weights the joint Dice is the plain Dice of the mixed label
+    dice, _ = mix_loss(logits, t_out, t_in, box, 1.0, 1.0, 3)
+    assert dice.item() == pytest.approx(dice_loss(p, mixed, 3).item(), rel=1e-6)
+
+
+def test_mix_loss_box_cut_fragment_hand_values():
+    # 4x4, two classes; class 1 is the 2x2 block rows 1-2, cols 1-2; the box (inside, M = 0) is
+    # columns 0-1, so the box edge cuts the block in two. The prediction finds only its inside half.
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1:3, 1:3] = 1
+    pred = torch.zeros_like(target)
+    pred[0, 1:3, 1] = 1
+    logits = onehot_logits(pred, 2)
+    box = torch.ones(1, 4, 4)
+    box[0, :, 0:2] = 0
+    # joint, weights 1/1: class 1 inter 2, sums 2 + 4 -> 1/3; class 0 inter 12, sums 14 + 12 -> 1/13
+    dice, _ = mix_loss(logits, target, target, box, 1.0, 1.0, 2)
+    assert dice.item() == pytest.approx((1 / 3 + 1 / 13) / 2, abs=1e-5)
+    # joint, outside weighted 0.5: class 1 inter 2, sums 2 + (2 + 0.5*2) -> 1/5; class 0 inter
+    # 6 + 0.5*6 = 9, sums (6 + 0.5*8) + (6 + 0.5*6) = 19 -> 1/19
+    dice, _ = mix_loss(logits, target, target, box, 0.5, 1.0, 2)
+    assert dice.item() == pytest.approx((1 / 5 + 1 / 19) / 2, abs=1e-5)
+    # region: inside perfect (0); outside class 1 is a missed 2-pixel fragment (~1) and class 0
+    # inter 6, sums 8 + 6 -> 1/7: the fragment weighs as much as a whole structure
+    dice, _ = mix_loss(logits, target, target, box, 1.0, 1.0, 2, dice="region")
+    assert dice.item() == pytest.approx((1 + 1 / 7) / 2, abs=1e-4)
+    with pytest.raises(ValueError, match="dice must be one of"):
+        mix_loss(logits, target, target, box, 1.0, 1.0, 2, dice="both")
 
 
 def test_ce_dice_loss_hand_value():

@@ -42,7 +42,7 @@ def stage_weights(root, tmp_path, init, *flags):
 STAGE_FLAGS = [
     ("--u_weight", "1.0"), ("--ds_weight", "0"), ("--hca_weights", "0,0,0,1"), ("--rank_by", "contrast"), ("--patch_size", "16"), ("--cgsr_kl_prob", "1.0"), ("--teacher", "frozen"),
     ("--ema_decay", "0.5"), ("--center_disc_stages", "0"), ("--displacement", "abd"), ("--displacement", "none"),
-    ("--base_lr", "0.05"), ("--seed", "7"),
+    ("--base_lr", "0.05"), ("--seed", "7"), ("--mix_dice", "region"),
 ]
 
 
@@ -86,7 +86,7 @@ def pretrain_weights(root, tmp_path, *flags):
 
 def test_every_pretraining_flag_changes_the_weights(synthetic_root, tmp_path):
     base = pretrain_weights(synthetic_root, tmp_path)
-    for flags in (("--sda", "off"), ("--sda_alpha", "0.5"), ("--sda_start", "2")):
+    for flags in (("--sda", "off"), ("--sda_alpha", "0.5"), ("--sda_start", "2"), ("--mix_dice", "region")):
         assert not torch.equal(base, pretrain_weights(synthetic_root, tmp_path, *flags)), f"{flags} had no effect"
 
 

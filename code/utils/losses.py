@@ -8,7 +8,7 @@ All functions return 0-d tensors on the inputs' device.
 import torch
 import torch.nn.functional as F
 
-__all__ = ["one_hot", "dice_loss", "masked_ce", "mix_loss", "ce_dice_loss"]
+__all__ = ["one_hot", "dice_loss", "masked_ce", "MIX_DICE", "mix_loss", "ce_dice_loss"]
 
 
 def one_hot(target, num_classes, dtype=torch.float32):
@@ -70,22 +70,43 @@ def masked_ce(logits, target, mask=None):
     return (ce * m).sum() / (m.sum() + 1e-16)
 
 
-def mix_loss(logits, target_out, target_in, box_mask, weight_out, weight_in, num_classes):
+MIX_DICE = ("joint", "region")
+
+
+def mix_loss(logits, target_out, target_in, box_mask, weight_out, weight_in, num_classes, dice="joint"):
     """BCP mix loss on a copy-paste mixed image. Returns ``(dice, ce)``.
 
     ``box_mask`` (B, H, W) is 1 outside the pasted box, 0 inside. Outside is supervised by
-    ``target_out`` with ``weight_out``, inside by ``target_in`` with ``weight_in``:
-    dice = w_out dice_loss(softmax, target_out, mask=box) + w_in dice_loss(softmax, target_in, mask=1-box),
-    ce = w_out masked_ce(logits, target_out, box) + w_in masked_ce(logits, target_in, 1-box).
-    (Reference: pseudo-labeled region weight u_weight = 0.5, ground-truth region 1.0.)
+    ``target_out`` with ``weight_out``, inside by ``target_in`` with ``weight_in``;
+    ``ce = w_out masked_ce(logits, target_out, box) + w_in masked_ce(logits, target_in, 1-box)``
+    (the reference's CE). The Dice, every class counted:
+
+    * ``dice="joint"`` (default): one Dice per class over the whole image against the mixed target
+      (``target_out`` outside, ``target_in`` inside), each pixel weighted by its region's weight:
+      ``dice_loss(softmax, mixed target, mask=w_out * box + w_in * (1 - box))``.
+    * ``dice="region"``: a separate Dice per region, ``w_out dice_loss(.., target_out, mask=box)
+      + w_in dice_loss(.., target_in, mask=1-box)``, what BCP's masked Dice meant to compute. A
+      structure cut by the box edge leaves a few-pixel fragment in one region whose Dice weighs as
+      much as a whole structure. On real ACDC (7 labeled patients, 128^2, 600 pre-training
+      iterations at lr 0.05) the pre-training reached best val Dice 0.41 with it against 0.61 with
+      ``joint`` (README, "Mix-loss Dice").
+
+    (Reference: pseudo-labeled region weight u_weight = 0.5, ground-truth region 1.0; its masked
+    Dice scored only background and class 1, defect D1.)
     """
+    if dice not in MIX_DICE:
+        raise ValueError(f"dice must be one of {MIX_DICE}, got {dice!r}")
     probs = torch.softmax(logits, dim=1)
-    box = box_mask.to(probs.dtype)
+    box = box_mask.to(probs.dtype).expand(probs.shape[0], *probs.shape[2:])
     inside = 1.0 - box
-    dice = weight_out * dice_loss(probs, target_out, num_classes, mask=box) \
-        + weight_in * dice_loss(probs, target_in, num_classes, mask=inside)
+    if dice == "joint":
+        mixed = torch.where(box > 0.5, target_out, target_in)
+        d = dice_loss(probs, mixed, num_classes, mask=weight_out * box + weight_in * inside)
+    else:
+        d = weight_out * dice_loss(probs, target_out, num_classes, mask=box) \
+            + weight_in * dice_loss(probs, target_in, num_classes, mask=inside)
     ce = weight_out * masked_ce(logits, target_out, box) + weight_in * masked_ce(logits, target_in, inside)
-    return dice, ce
+    return d, ce
 
 
 def ce_dice_loss(logits, target, num_classes):

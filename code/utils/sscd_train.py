@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from utils.ema import ema_update
 from utils.engine import train_loop
-from utils.losses import dice_loss, mix_loss
+from utils.losses import MIX_DICE, dice_loss, mix_loss
 from utils.run import train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
                         cgsr, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness, region_means,
@@ -54,6 +54,9 @@ def add_sscd_args(p):
                    help="iteration from which the SDA is on (default 60%% of --pre_iterations)")
     g.add_argument("--sda_alpha", type=float, default=0.2, help="SDA: fraction of highest-entropy pixels kept")
     g.add_argument("--u_weight", type=float, default=0.5, help="weight of the pseudo-labeled region in the mix loss")
+    g.add_argument("--mix_dice", choices=MIX_DICE, default="joint",
+                   help="mix-loss Dice: joint (one Dice per class over the mixed target, region-weighted pixels) "
+                        "or region (a separate Dice inside and outside the box)")
     g.add_argument("--ds_weight", type=float, default=0.5,
                    help="deep-supervision weight of the three decoder heads (0: heads untrained, the reference)")
     g.add_argument("--hca_weights", default=DEFAULT_HCA_SCHEDULE,
@@ -125,13 +128,13 @@ def _split_labeled(batch, half, views):
     return out
 
 
-def _mix_terms(logits_list, targets, box, num_classes):
-    """Mean over outputs of (Dice + CE)/2 of the BCP mix loss, summed over the two mixes."""
+def _mix_terms(logits_list, targets, box, num_classes, dice):
+    """Mean over outputs of (Dice + CE)/2 of the BCP mix loss, summed over the mixes in ``targets``."""
     total = 0
     half = box.shape[0]
     for logits in logits_list:
         for j, (t_out, t_in, w_out, w_in) in enumerate(targets):
-            d, c = mix_loss(logits[j * half:(j + 1) * half], t_out, t_in, box, w_out, w_in, num_classes)
+            d, c = mix_loss(logits[j * half:(j + 1) * half], t_out, t_in, box, w_out, w_in, num_classes, dice)
             total = total + (d + c) / 2
     return total / len(logits_list)
 
@@ -187,8 +190,9 @@ def pretrain_step(run, data):
         outputs = _forward(forward, x)
         lab_a, lab_b = lab[:half], lab[half:]
         targets = [(lab_a, lab_b, 1.0, 1.0), (lab_b, lab_a, 1.0, 1.0)]
-        losses = {"mix": _weighted(outputs, lambda outs: _mix_terms(outs, targets, box, a.num_classes),
-                                   a.ds_weight)}
+        # the two complementary mixes form one batch: their mean has the reference's one-mix scale
+        losses = {"mix": _weighted(outputs, lambda outs: _mix_terms(outs, targets, box, a.num_classes, a.mix_dice),
+                                   a.ds_weight) / 2}
         if sda:
             keep = sda_mask(outputs[-1].detach(), a.sda_alpha)
             x_sda, y_sda = apply_sda(x, y, keep)
@@ -260,7 +264,8 @@ def stage_step(run, stage, weights, init_weights, source, data):
             x.append(torch.cat([mix(uimg_a, img_a, box), mix(img_b, uimg_b, box)]))
             targets = [(pl_a, lab_a, a.u_weight, 1.0), (lab_b, pl_b, 1.0, a.u_weight)]
             outs.append(_forward(forward, x[k]))
-            losses[f"mix{k + 1}"] = _weighted(outs[k], lambda o, t=targets: _mix_terms(o, t, box, c), a.ds_weight)
+            losses[f"mix{k + 1}"] = _weighted(outs[k], lambda o, t=targets: _mix_terms(o, t, box, c, a.mix_dice),
+                                                a.ds_weight)
             probs.append(torch.softmax(outs[k][-1], 1))
         argmax = [p.detach().argmax(1) for p in probs]
         if len(students) == 2:
