@@ -120,6 +120,36 @@ def test_two_stream_sampler_labeled_only():
     assert len(set(batches[0] + batches[1])) == 6  # 2 batches per pass (remainder dropped)
 
 
+def test_two_stream_sampler_starts_at_position():
+    """A sampler set to position k yields exactly the batches k, k+1, ... of a fresh one."""
+    full = list(itertools.islice(iter(TwoStreamSampler(list(range(10)), list(range(10, 40)), 2, 3, seed=4)), 13))
+    later = TwoStreamSampler(list(range(10)), list(range(10, 40)), 2, 3, seed=4)
+    later.position = 7
+    assert list(itertools.islice(iter(later), 6)) == full[7:]
+    assert later.batch(12) == full[12]
+
+
+@pytest.mark.parametrize("aug_device", ["device", "loader"])
+def test_batch_stream_state_round_trip(train_data, aug_device):
+    """A stream restored from state_dict() after 3 batches continues at batch 4 (its sampler
+    position; with on-device augmentation also the same augmented tensors)."""
+    make = lambda: train_data.stream(2, 3, "cpu", aug_device=aug_device, num_workers=0, strong=True, seed=5)
+    first = make()
+    for _ in range(3):
+        next(first)
+    state = first.state_dict()
+    expected = [next(first) for _ in range(2)]
+    second = make()
+    second.load_state_dict(state)
+    assert second.batches == second.sampler.position == 3
+    got = [next(second) for _ in range(2)]
+    if aug_device == "device":
+        for e, g in zip(expected, got):
+            assert all(torch.equal(e[k], g[k]) for k in e)
+    with pytest.raises(RuntimeError, match="before the first batch"):
+        second.load_state_dict(state)
+
+
 def test_two_stream_sampler_rejects_bad_sizes():
     with pytest.raises(ValueError, match="--labeled_bs 5"):
         TwoStreamSampler(list(range(4)), list(range(10)), 5, 1)

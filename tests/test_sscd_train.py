@@ -179,3 +179,36 @@ def test_frozen_bn_statistics_keeps_running_stats_but_normalises_by_batch():
     assert bn.momentum == 0.1
     bn(x)
     assert not torch.equal(bn.running_mean, torch.zeros(1))
+
+
+def _all_weights(path):
+    state = load_checkpoint(path)
+    return torch.cat([t.float().flatten() for sd in [state["model"], *state["models"].values()] for t in sd.values()])
+
+
+def test_interrupted_stage_resumes_exactly(synthetic_root, tmp_path, pretrained, monkeypatch):
+    """Killed after the iteration-2 checkpoint and resumed: the batches, the boxes and CGSR draws
+    continue where they stopped, so every weight equals the uninterrupted run's."""
+    flags = ("--start_stage", "1", "--init_checkpoint", str(pretrained), "--hca_weights", "1,0,0,0",
+             "--stage_iterations", "4", "--val_interval", "2", "--resume")
+    train(synthetic_root, tmp_path / "full", *flags)
+    original = sscd_train.stage_step
+
+    def crashing(*args, **kwargs):
+        step, *rest = original(*args, **kwargs)
+
+        def step_or_die(it):
+            if it == 3:
+                raise KeyboardInterrupt  # the process dies here
+            return step(it)
+        return (step_or_die, *rest)
+
+    monkeypatch.setattr(sscd_train, "stage_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(synthetic_root, tmp_path / "cut", *flags)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "stage_1" / "last.pth")["iteration"] == 2
+    torch.manual_seed(123)  # a fresh process: different RNG until the checkpoint restores it
+    train(synthetic_root, tmp_path / "cut", *flags)
+    assert torch.equal(_all_weights(tmp_path / "cut" / "stage_1" / "last.pth"),
+                       _all_weights(tmp_path / "full" / "stage_1" / "last.pth"))

@@ -143,41 +143,63 @@ class AugmentedSlices(torch.utils.data.Dataset):
 class TwoStreamSampler:
     """Endless batches of ``primary_bs`` indices from ``primary`` then ``secondary_bs`` from
     ``secondary``; each stream is reshuffled whenever it runs out (no index repeats within
-    one pass of its stream)."""
+    one pass of its stream).
+
+    Pass ``p`` of stream ``s`` is the permutation drawn from ``default_rng([seed, s, p])``, so
+    batch ``k`` is a function of ``k`` alone: iteration starts at ``position`` (a resumed run sets
+    it to the number of batches already used and continues the same order).
+    """
 
     def __init__(self, primary, secondary, primary_bs, secondary_bs, seed=0):
         if primary_bs < 1 or primary_bs > len(primary):
             raise ValueError(f"--labeled_bs {primary_bs}: expected 1..{len(primary)} (labeled slices)")
         if secondary_bs < 0 or (secondary_bs and secondary_bs > len(secondary)):
             raise ValueError(f"unlabeled batch {secondary_bs}: expected 0..{len(secondary)} (unlabeled slices)")
-        self.streams = [(np.asarray(primary), primary_bs), (np.asarray(secondary), secondary_bs)]
-        self.rng = np.random.default_rng(seed)
+        self.streams = [(np.asarray(pool), size) for pool, size in
+                        ((primary, primary_bs), (secondary, secondary_bs)) if size]
+        self.seed, self.position = seed, 0
+        self._orders = {}
 
-    def _chunks(self, pool, size):
-        while True:
-            order = self.rng.permutation(pool)
-            for start in range(0, len(order) - size + 1, size):
-                yield order[start:start + size]
+    def _order(self, stream, pass_index):
+        key = (stream, pass_index)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[0] != stream}  # one pass kept per stream
+            pool = self.streams[stream][0]
+            self._orders[key] = np.random.default_rng([self.seed, stream, pass_index]).permutation(pool)
+        return self._orders[key]
+
+    def batch(self, k):
+        """The indices of batch ``k`` (0-based)."""
+        parts = []
+        for s, (pool, size) in enumerate(self.streams):
+            per_pass = len(pool) // size  # the remainder of each pass is dropped
+            start = (k % per_pass) * size
+            parts.append(self._order(s, k // per_pass)[start:start + size])
+        return np.concatenate(parts).tolist()
 
     def __iter__(self):
-        gens = [self._chunks(pool, size) for pool, size in self.streams if size]
         while True:
-            yield np.concatenate([next(g) for g in gens]).tolist()
+            yield self.batch(self.position)
+            self.position += 1
 
 
 class BatchStream:
-    """Endless augmented training batches (dicts of tensors on ``device``).
+    """Endless augmented training batches (dicts of tensors on ``device``); an iterator.
 
     ``aug_device='device'`` gathers raw slices from the in-memory cache and augments the whole
     batch on ``device``; ``'loader'`` augments per sample in ``num_workers`` DataLoader workers
     on the CPU and moves the batch afterwards (the paper repositories' path).
+    ``state_dict()`` / ``load_state_dict()`` (before the first batch) let a resumed run continue
+    the batch order, and with ``'device'`` the augmentation draws too (``'loader'`` draws from the
+    global RNG, restored by the checkpoint, in the main process; worker processes are re-seeded).
     """
 
     def __init__(self, cache, sampler, device, aug_device="device", num_workers=0, strong=True, seed=0):
         if aug_device not in ("device", "loader"):
             raise ValueError(f"--aug_device {aug_device!r}: expected 'device' or 'loader'")
         self.device, self.aug_device, self.strong = torch.device(device), aug_device, strong
-        self.sampler = sampler
+        self.sampler, self.batches, self._it = sampler, 0, None
+        self.generator = None
         if aug_device == "device":
             self.cache = cache.to(self.device)
             self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -186,7 +208,28 @@ class BatchStream:
                 AugmentedSlices(cache, strong), batch_sampler=sampler, num_workers=num_workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
 
+    def state_dict(self):
+        return {"batches": self.batches,
+                "generator": self.generator.get_state() if self.generator is not None else None}
+
+    def load_state_dict(self, state):
+        if self._it is not None:
+            raise RuntimeError("BatchStream.load_state_dict must come before the first batch")
+        self.batches = self.sampler.position = int(state["batches"])
+        if self.generator is not None and state.get("generator") is not None:
+            self.generator.set_state(state["generator"])
+
     def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._batches()
+        batch = next(self._it)
+        self.batches += 1
+        return batch
+
+    def _batches(self):
         if self.aug_device == "loader":
             for batch in self.loader:
                 yield {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

@@ -66,9 +66,23 @@ def close_logger(logger):
         handler.close()
 
 
-def _state(models, optimizers, iteration, best, config, finished):
+class GeneratorState:
+    """A ``torch.Generator`` as a resumable (``state_dict`` / ``load_state_dict``) for train_loop."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def _state(models, optimizers, iteration, best, config, finished, resumables=None):
     main = models["model"]
     return {
+        "resumables": {k: r.state_dict() for k, r in (resumables or {}).items()},
         "model": main.state_dict(),
         "models": {k: m.state_dict() for k, m in models.items() if k != "model"},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -104,10 +118,14 @@ def restore(path, models, optimizers):
 
 
 def train_loop(*, save_dir, iterations, step, models, optimizers, validate, config,
-               val_interval, log_interval, resume=False, logger=None, name="train", on_validate=None):
+               val_interval, log_interval, resume=False, logger=None, name="train", on_validate=None,
+               resumables=None):
     """Run ``iterations`` steps with validation and checkpoints; returns the final state dict.
 
     ``on_validate(writer, iteration)`` may add images to tensorboard at each validation.
+    ``resumables``: name -> object with ``state_dict()`` / ``load_state_dict()`` (the batch stream,
+    the step's generators) saved in every checkpoint and restored on resume, so a resumed run
+    draws the same batches and random boxes as an uninterrupted one.
     """
     main_rank = distributed.is_main()
     save_dir = Path(save_dir)
@@ -118,6 +136,12 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
     if resume and last_path.is_file():
         state = restore(last_path, models, optimizers)
         start, best = state["iteration"], (state["best_dice"], state["best_iteration"])
+        saved = state.get("resumables", {})
+        for key, obj in (resumables or {}).items():
+            if key in saved:
+                obj.load_state_dict(saved[key])
+            elif logger:
+                logger.warning(f"[{name}] {last_path} has no '{key}' state (older checkpoint): it restarts")
         if logger:
             logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
         if state.get("finished"):
@@ -169,7 +193,8 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                 improved = score > best[0]
                 if improved:
                     best = (score, it)
-                state = _state(models, optimizers, it, best, config, finished=it == iterations)
+                state = _state(models, optimizers, it, best, config, finished=it == iterations,
+                               resumables=resumables)
                 if improved:
                     save_checkpoint(state, best_path)
                 save_checkpoint(state, last_path)
@@ -181,7 +206,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
         if writer is not None:
             writer.close()
     distributed.barrier()
-    return _state(models, optimizers, it, best, config, finished=True)
+    return _state(models, optimizers, it, best, config, finished=True, resumables=resumables)
 
 
 def _gather(first_bad, device_sums, count):

@@ -155,8 +155,8 @@ class Run:
     def stream(self, data, labeled_bs, unlabeled_bs, strong, seed):
         """This rank's endless training batches (``TrainData.stream`` with the rank's seed)."""
         a = self.args
-        return iter(data.stream(labeled_bs, unlabeled_bs, self.device, a.aug_device, a.num_workers, strong=strong,
-                                seed=self.seed(seed)))
+        return data.stream(labeled_bs, unlabeled_bs, self.device, a.aug_device, a.num_workers, strong=strong,
+                           seed=self.seed(seed))
 
     def generator(self, seed):
         """A torch.Generator on the training device seeded for this rank."""
@@ -230,7 +230,7 @@ def train_supervised(run, iterations=None):
     state = train_loop(save_dir=run.save_dir, iterations=iterations, step=step, models={"model": model},
                        optimizers={"model": opt}, validate=run.validator(model, volumes), config=run.config,
                        val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
-                       logger=run.logger, name="supervised")
+                       logger=run.logger, name="supervised", resumables={"stream": stream})
     run.logger.info(f"best val Dice {state['best_dice']:.4f} at iteration {state['best_iteration']}; "
                     f"checkpoints in {run.save_dir} (best.pth, last.pth)")
     return state

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from utils.ema import ema_update
-from utils.engine import train_loop
+from utils.engine import GeneratorState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
 from utils.run import train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
@@ -172,9 +172,10 @@ def frozen_bn_statistics(model):
             m.momentum = momentum
 
 
-def pretrain_step(run, data):
+def pretrain_step(run, data, resumables=None):
     """The pre-training step (BCP copy-paste of labeled pairs, plus the SDA after ``--sda_start``;
-    one U-Net) and what train_loop saves: ``(step, models, optimizers)``."""
+    one U-Net) and what train_loop saves: ``(step, models, optimizers)``. The batch stream and the
+    box generator are added to the dict ``resumables`` when one is given."""
     a = run.args
     if a.labeled_bs % 2:
         raise ValueError(f"--labeled_bs {a.labeled_bs}: pre-training mixes labeled pairs, it must be even")
@@ -185,6 +186,8 @@ def pretrain_step(run, data):
     half, size = a.labeled_bs // 2, a.image_size
     stream = run.stream(data, a.labeled_bs, 0, strong=False, seed=a.seed)
     gen = run.generator(a.seed)
+    if resumables is not None:
+        resumables.update(stream=stream, box_generator=GeneratorState(gen))
 
     def losses_of(x, y, lab, box, sda):
         outputs = _forward(forward, x)
@@ -220,18 +223,20 @@ def pretrain_step(run, data):
 def pretrain(run, save_dir, iterations, data, volumes):
     """Pre-training (``pretrain_step``) for ``iterations``, checkpoints in ``save_dir``."""
     a = run.args
-    step, models, opts = pretrain_step(run, data)
+    resumables = {}
+    step, models, opts = pretrain_step(run, data, resumables)
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
                       validate=run.validator(models["model"], volumes), config=run.config,
                       val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
-                      logger=run.logger, name="pretrain")
+                      logger=run.logger, name="pretrain", resumables=resumables)
 
 
-def stage_step(run, stage, weights, init_weights, source, data):
+def stage_step(run, stage, weights, init_weights, source, data, resumables=None):
     """The step of curriculum stage ``stage`` (HCA ``weights``): students on the weak (and strong)
     view, a teacher, BCP mix, CPS, HCA, Decouple and CGSR; every network starts from
     ``init_weights`` (a state dict read from ``source``). Returns ``(step, models, optimizers,
     images)``, ``images(writer, iteration)`` adding the step's last inputs and maps to tensorboard.
+    The batch stream and the box/CGSR generator are added to the dict ``resumables`` if given.
 
     The students' whole computation (both forwards of each) runs inside one ``run.parallel``
     call: one DDP forward per backward under torchrun (see ``utils.distributed``).
@@ -252,6 +257,8 @@ def stage_step(run, stage, weights, init_weights, source, data):
     use_disc = stage <= a.center_disc_stages
     stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
     gen = run.generator(a.seed + 1000 * stage)
+    if resumables is not None:
+        resumables.update(stream=stream, generator=GeneratorState(gen))
     vis = {}
 
     def losses_of(b, plab, box):
@@ -315,8 +322,9 @@ def stage_step(run, stage, weights, init_weights, source, data):
 def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data, volumes):
     """Curriculum stage ``stage`` (``stage_step``) for ``iterations`` from the weights in ``init_path``."""
     a = run.args
+    resumables = {}
     step, models, opts, images = stage_step(run, stage, weights, load_checkpoint(init_path)["model"], init_path,
-                                            data)
+                                            data, resumables)
     use_disc = stage <= a.center_disc_stages
     run.logger.info(f"[stage {stage}] HCA weights {weights}, centre disc {'on' if use_disc else 'off'}, "
                     f"init {init_path}, {iterations} iterations")
@@ -324,7 +332,7 @@ def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data,
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
                       validate=run.validator(models["model"], volumes), config=config, val_interval=a.val_interval,
                       log_interval=a.log_interval, resume=a.resume, logger=run.logger, name=f"stage_{stage}",
-                      on_validate=images)
+                      on_validate=images, resumables=resumables)
 
 
 def train_sscd(run, stages):
