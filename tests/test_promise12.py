@@ -10,7 +10,6 @@ import csv
 import json
 import math
 
-import h5py
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -23,6 +22,7 @@ from dataloaders.dataset import TrainData, read_list
 from dataloaders.preprocess_promise12 import preprocess_promise12
 from utils.checkpoint import load_checkpoint
 from utils.geometry import load_volume_meta
+from test_preprocess_promise12 import dice, read_h5
 from utils.metrics import METRIC_NAMES, binary_metrics
 
 SIZE = 32  # network and preprocessing size of every run here
@@ -82,16 +82,6 @@ def source_path(raw, case):
 
 def segmentation_path(raw, case):
     return next(p for p in (raw / f"{case}_segmentation.mhd", raw / f"{case}_segmentation.nii.gz") if p.is_file())
-
-
-def read_h5(path):
-    with h5py.File(path, "r") as f:
-        return f["image"][()], f["label"][()]
-
-
-def dice(a, b):
-    a, b = a > 0, b > 0
-    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def read_rows(path):

@@ -329,16 +329,22 @@ def test_cgsr_kl_direction_and_normalisation():
     assert info["dst_w"].tolist() == [2] and info["dst_s"].tolist() == [0]
 
 
-def test_cgsr_weak_source_read_before_modification():
-    # top_num = R lets the KL choice put strong content into the hardest weak region itself
-    # (a* = b = 0); the weak source pasted into the strong view must be the ORIGINAL region 0.
+def _one_image_case(cls_s_region1, cls_s_region2):
+    """The first image of _cgsr_inputs with hardest weak region b = 0, hardest strong region d = 1,
+    weak class profiles (a, b, b, b) and strong ones (b, given, given, b), a = (.9, .1), b = (.1, .9)."""
     x_w, x_s, _, _, _, _ = _cgsr_inputs()
-    x_w, x_s = x_w[:1], x_s[:1]
     hard_w = torch.tensor([[0.9, 0.1, 0.2, 0.3]])                    # b = 0
     hard_s = torch.tensor([[0.1, 0.9, 0.2, 0.3]])                    # d = 1
     a, b = [0.9, 0.1], [0.1, 0.9]
     cls_w = torch.tensor([[a, b, b, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
-    cls_s = torch.tensor([[b, [0.8, 0.2], a, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
+    cls_s = torch.tensor([[b, cls_s_region1, cls_s_region2, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
+    return x_w[:1], x_s[:1], hard_w, hard_s, cls_w, cls_s
+
+
+def test_cgsr_weak_source_read_before_modification():
+    # top_num = R lets the KL choice put strong content into the hardest weak region itself
+    # (a* = b = 0); the weak source pasted into the strong view must be the ORIGINAL region 0.
+    x_w, x_s, hard_w, hard_s, cls_w, cls_s = _one_image_case([0.8, 0.2], [0.9, 0.1])
     s2w, w2s, info = cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, PATCH, top_num=4, kl_prob=1.0)
     assert info["dst_w"].tolist() == [0] and info["src_w"].tolist() == [0]
     assert info["src_s"].tolist() == [1] and info["dst_s"].tolist() == [2]
@@ -470,13 +476,7 @@ def test_cgsr_easy_into_hard_kl_direction_by_hand():
 def test_cgsr_easy_into_hard_true_swap_reads_originals():
     # top_num = R and matching descriptors make a* = b and c* = d: the hardest regions of the two
     # views are exchanged; each side must receive the other's ORIGINAL content
-    x_w, x_s, _, _, _, _ = _cgsr_inputs()
-    x_w, x_s = x_w[:1], x_s[:1]
-    hard_w = torch.tensor([[0.9, 0.1, 0.2, 0.3]])                    # b = 0
-    hard_s = torch.tensor([[0.1, 0.9, 0.2, 0.3]])                    # d = 1
-    a, b = [0.9, 0.1], [0.1, 0.9]
-    cls_w = torch.tensor([[a, b, b, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
-    cls_s = torch.tensor([[b, a, b, b]]).transpose(1, 2).reshape(1, 2, 2, 2)
+    x_w, x_s, hard_w, hard_s, cls_w, cls_s = _one_image_case([0.9, 0.1], [0.1, 0.9])
     s2w, w2s, info = cgsr(x_w, x_s, hard_w, hard_s, cls_w, cls_s, PATCH, top_num=4, kl_prob=1.0,
                           direction="easy_into_hard", paste="square")
     table = {"dst_w": [0], "src_s": [1], "dst_s": [1], "src_w": [0]}
