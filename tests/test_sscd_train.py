@@ -1,6 +1,7 @@
 """SSCD trainer: the curriculum hand-over, every flag's effect, presets, resume, and an end-to-end
 run on the real ACDC data (synthetic data when SSCD_SHARED_DATA is unset)."""
 import json
+import re
 
 import pytest
 import torch
@@ -161,7 +162,12 @@ def test_end_to_end_on_acdc_every_stage_then_test_script(acdc_root, tmp_path):
         assert (folder / "best.pth").is_file() and (folder / "last.pth").is_file(), stage
         assert list((folder / "tb").glob("events.out.tfevents.*")), stage
         assert load_checkpoint(folder / "last.pth")["finished"]
-    assert (tmp_path / "log.txt").read_text().count("[stage 5]") == 1
+    log = (tmp_path / "log.txt").read_text()
+    assert log.count("[stage 5]") == 1
+    # the last line: the final model's path and its val metrics (the score it was selected with)
+    m = re.search(r"final model: (\S+) \(val Dice ([\d.]+): class 1 [\d.]+, class 2 [\d.]+, class 3 [\d.]+\)", log)
+    assert m and m.group(1) == str(final)
+    assert float(m.group(2)) == pytest.approx(load_checkpoint(final)["best_dice"], abs=1e-4)
     summary = test_ACDC.main(["--checkpoint", str(final), "--split", "val", "--out", str(tmp_path / "eval"),
                          "--workers", "0", "--no_predictions", "--device", "cpu"])
     saved = json.loads((tmp_path / "eval" / "summary.json").read_text())

@@ -2,7 +2,7 @@
 train_PROMISE12_SSCD.py (they differ only by the dataset's class count and defaults)."""
 from utils.config import base_parser, parse_args
 from utils.run import Run
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, train_sscd
+from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_metrics, train_sscd
 
 # dataset -> (number of classes, default --labelnum)
 DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}
@@ -19,7 +19,10 @@ def train_main(dataset, description, argv=None):
     run = Run(args, dataset)
     try:
         final = train_sscd(run, stages)
-        run.logger.info(f"final model: {final}")
+        if run.rank == 0:
+            score, per_class = final_val_metrics(run, final)
+            classes = ", ".join(f"class {k + 1} {d:.4f}" for k, d in enumerate(per_class))
+            run.logger.info(f"final model: {final} (val Dice {score:.4f}: {classes})")
     finally:
         run.close()
     return final

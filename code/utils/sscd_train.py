@@ -360,3 +360,12 @@ def train_sscd(run, stages):
     if run.rank == 0:
         save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
     return final
+
+
+def final_val_metrics(run, path):
+    """``(mean val Dice, [Dice of class 1..C-1])`` of the model in checkpoint ``path`` on val.list."""
+    model = run.model()
+    load_model_state(model, load_checkpoint(path)["model"], path)
+    model.eval()
+    score, scalars = run.validator(model, run.val_volumes())()
+    return score, [scalars[f"dice_class{k}"] for k in range(1, run.args.num_classes)]
