@@ -20,7 +20,7 @@ def train_main(dataset, description, argv=None):
     try:
         final = train_sscd(run, stages)
         if run.rank == 0:
-            score, per_class = final_val_metrics(run, final)
+            score, per_class = final_val_metrics(final, args.num_classes)
             classes = ", ".join(f"class {k + 1} {d:.4f}" for k, d in enumerate(per_class))
             run.logger.info(f"final model: {final} (val Dice {score:.4f}: {classes})")
     finally:

@@ -79,10 +79,11 @@ class GeneratorState:
         self.generator.set_state(state["state"])
 
 
-def _state(models, optimizers, iteration, best, config, finished, resumables=None):
+def _state(models, optimizers, iteration, best, config, finished, resumables=None, val=None):
     main = models["model"]
     return {
         "resumables": {k: r.state_dict() for k, r in (resumables or {}).items()},
+        "val": val or {},  # this iteration's validation: {"dice": mean, "dice_class<c>": ...}
         "model": main.state_dict(),
         "models": {k: m.state_dict() for k, m in models.items() if k != "model"},
         "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -194,7 +195,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                 if improved:
                     best = (score, it)
                 state = _state(models, optimizers, it, best, config, finished=it == iterations,
-                               resumables=resumables)
+                               resumables=resumables, val={"dice": score, **scalars})
                 if improved:
                     save_checkpoint(state, best_path)
                 save_checkpoint(state, last_path)

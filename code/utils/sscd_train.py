@@ -362,10 +362,10 @@ def train_sscd(run, stages):
     return final
 
 
-def final_val_metrics(run, path):
-    """``(mean val Dice, [Dice of class 1..C-1])`` of the model in checkpoint ``path`` on val.list."""
-    model = run.model()
-    load_model_state(model, load_checkpoint(path)["model"], path)
-    model.eval()
-    score, scalars = run.validator(model, run.val_volumes())()
-    return score, [scalars[f"dice_class{k}"] for k in range(1, run.args.num_classes)]
+
+def final_val_metrics(path, num_classes):
+    """``(mean val Dice, [Dice of class 1..C-1])`` of checkpoint ``path``: the validation it was
+    selected with, stored in it by train_loop (no second pass over val.list)."""
+    state = load_checkpoint(path)
+    val = state.get("val") or {"dice": state["best_dice"]}
+    return val["dice"], [val[f"dice_class{k}"] for k in range(1, num_classes) if f"dice_class{k}" in val]
