@@ -2,6 +2,7 @@
 
     python code/test_ACDC.py --checkpoint model/ACDC_SSCD_7_labeled/best.pth --split test
 """
+from utils.errors import run_cli
 from utils.testing import run_test, test_parser
 
 CLASSES = ("RV", "Myo", "LV")
@@ -13,4 +14,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,6 +11,7 @@ source folder recorded in dataset.json): name them after the source data set, e.
 import json
 from pathlib import Path
 
+from utils.errors import run_cli
 from utils.testing import run_test, test_parser
 
 CLASSES = ("gland",)
@@ -35,4 +36,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

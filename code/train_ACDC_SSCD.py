@@ -3,6 +3,7 @@
     python code/train_ACDC_SSCD.py --root_path data/ACDC --labelnum 7
 """
 from utils.cli import train_main
+from utils.errors import run_cli
 
 
 def main(argv=None):
@@ -10,4 +11,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -3,6 +3,7 @@
     python code/train_ACDC_supervised.py --root_path data/ACDC --labelnum 7
 """
 from utils.config import base_parser, parse_args
+from utils.errors import run_cli
 from utils.run import Run, train_supervised
 
 
@@ -17,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,6 +6,7 @@
 --labelnum counts cases: the labeled set is every slice of the first --labelnum cases of train.list.
 """
 from utils.cli import train_main
+from utils.errors import run_cli
 
 
 def main(argv=None):
@@ -13,4 +14,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from dataloaders.dataset import load_h5, read_list
+from utils.errors import run_cli
 from utils.sscd import DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, parse_hca_schedule
 from utils.testing import load_trained_model
 from utils.visual import ALPHA, cgsr_example, hca_cgsr_figure, hca_stage_maps, method_panel, predict_slice
@@ -190,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

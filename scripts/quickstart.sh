@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q -r requirements.txt
-python3 code/train_ACDC_SSCD.py --config configs/quickstart.yaml "$@"
+python3 code/train_ACDC_SSCD.py --config configs/quickstart.yaml --overwrite "$@"
 python3 code/test_ACDC.py --checkpoint model/quickstart_SSCD/best.pth --split test --workers 0

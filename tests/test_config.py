@@ -112,7 +112,7 @@ def test_image_size_from_yaml_checked(tmp_path, capsys):
 def test_non_positive_intervals_rejected(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(parser(), [f"--{flag}", "0"])
-    assert f"--{flag} must be positive" in capsys.readouterr().err
+    assert f"--{flag} 0: expected a positive number" in capsys.readouterr().err
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -9,6 +9,7 @@ Training slices are read once and kept in memory, resized (nearest neighbour, as
 published protocol) to the network size; augmentation then runs either per sample in
 DataLoader workers or batched on the training device (``dataloaders.augment``).
 """
+import json
 from pathlib import Path
 
 import h5py
@@ -28,6 +29,18 @@ def check_root(root):
     if not root.is_dir():
         raise FileNotFoundError(f"--root_path {root}: no such dataset folder")
     return root
+
+
+def declared_size(root):
+    """The slice size a preprocessed folder declares in its ``dataset.json`` (``image_size``), or None."""
+    info = Path(root) / "dataset.json"
+    if not info.is_file():
+        return None
+    try:
+        size = json.loads(info.read_text()).get("image_size")
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{info}: not a readable dataset description ({err})") from None
+    return None if size is None else int(size)
 
 
 def read_list(root, name):
@@ -69,8 +82,9 @@ def labeled_slice_count(slice_ids, labelnum, table=None, flag="--labelnum"):
     return count
 
 
-def load_h5(path, ndim, num_classes):
-    """(image float32, label uint8, attrs dict) from an h5 file, validated."""
+def load_h5(path, ndim, num_classes, expected_size=None):
+    """(image float32, label uint8, attrs dict) from an h5 file, validated: equal shapes, finite
+    image values, integer labels in [0, num_classes), and (``expected_size``) S x S slices."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: listed but not found")
@@ -86,8 +100,21 @@ def load_h5(path, ndim, num_classes):
         raise OSError(f"{path}: not a readable h5 file ({err})") from err
     if image.ndim != ndim or image.shape != label.shape:
         raise ValueError(f"{path}: image {image.shape} and label {label.shape} must be equal {ndim}-D shapes")
+    if not np.isfinite(image).all():
+        bad = int((~np.isfinite(image)).sum())
+        raise ValueError(f"{path}: the image holds {bad} NaN/inf value(s); expected finite intensities")
+    if label.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: label of type {label.dtype}, expected integer class indices")
+    if label.dtype.kind == "f" and not (np.isfinite(label).all() and np.array_equal(label, np.round(label))):
+        odd = label[~np.isfinite(label) | (label != np.round(label))]
+        raise ValueError(f"{path}: label holds non-integer values (e.g. {float(odd.flat[0]):g}); expected class indices")
     if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise ValueError(f"{path}: label values in [{label.min()}, {label.max()}], expected [0, {num_classes})")
+        raise ValueError(f"{path}: label values in [{label.min():g}, {label.max():g}], expected [0, {num_classes}) "
+                         f"(--num_classes {num_classes})")
+    if expected_size is not None and tuple(image.shape[-2:]) != (expected_size, expected_size):
+        raise ValueError(f"{path}: slices of {image.shape[-2]}x{image.shape[-1]}, but the folder's dataset.json "
+                         f"declares {expected_size}x{expected_size}: the folder mixes preprocessing runs; "
+                         f"preprocess it again")
     return image, label.astype(np.uint8), attrs
 
 
@@ -107,10 +134,10 @@ class SliceCache:
 
     def __init__(self, root, ids, image_size, num_classes):
         root = check_root(root)
-        size = (image_size, image_size)
+        size, declared = (image_size, image_size), declared_size(root)
         images, labels = [], []
         for sid in ids:
-            image, label, _ = load_h5(root / "data" / "slices" / f"{sid}.h5", 2, num_classes)
+            image, label, _ = load_h5(root / "data" / "slices" / f"{sid}.h5", 2, num_classes, declared)
             images.append(resize_nearest(torch.from_numpy(image), size))
             labels.append(resize_nearest(torch.from_numpy(label), size))
         self.ids = list(ids)
@@ -248,9 +275,9 @@ def load_volumes(root, split, num_classes):
     if split not in ("val", "test"):
         raise ValueError(f"--split {split!r}: expected 'val' or 'test'")
     root = check_root(root)
-    volumes = []
+    volumes, declared = [], declared_size(root)
     for case in read_list(root, f"{split}.list"):
-        image, label, attrs = load_h5(root / "data" / f"{case}.h5", 3, num_classes)
+        image, label, attrs = load_h5(root / "data" / f"{case}.h5", 3, num_classes, declared)
         volumes.append({"case": case, "image": image, "label": label, "attrs": attrs})
     return volumes
 
@@ -279,6 +306,14 @@ class TrainData:
         self.cache = SliceCache(root, ids, image_size, num_classes)
         self.labeled = list(range(count))
         self.unlabeled = list(range(count, len(ids)))
+        counts = torch.bincount(self.cache.labels.flatten().long(), minlength=num_classes)
+        absent = [k for k in range(num_classes) if counts[k] == 0]
+        if absent:
+            raise ValueError(f"--num_classes {num_classes}: class(es) {absent} occur in none of the "
+                             f"{len(ids)} training slices of {root / 'train_slices.list'}; expected every class "
+                             f"0..{num_classes - 1} to occur (is --num_classes right for this data?)")
+        labeled = torch.bincount(self.cache.labels[:count].flatten().long(), minlength=num_classes)
+        self.absent_in_labeled = [k for k in range(num_classes) if labeled[k] == 0]
 
     def stream(self, labeled_bs, unlabeled_bs, device, aug_device="device", num_workers=0, strong=True, seed=0):
         sampler = TwoStreamSampler(self.labeled, self.unlabeled, labeled_bs, unlabeled_bs, seed)

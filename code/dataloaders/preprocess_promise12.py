@@ -28,13 +28,17 @@ split on purpose): it is reported with one warning line, skipped, recorded in da
 ``withheld_test_cases`` and NOT written to the output test.list (the output lists name only cases
 that have h5 files).
 
-Re-running rewrites every output deterministically (atomic replace), so outputs are identical.
+Nothing is written until every case has been read and validated; the output is built in a temporary
+sibling folder that replaces ``<out>`` once complete, so a failed run leaves ``<out>`` as it was.
+Re-running with the same settings rewrites every output identically; an ``<out>`` made with other
+settings (size, CLAHE, source, cases) is refused unless ``--overwrite``.
 """
 import argparse
 import json
 import logging
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -46,6 +50,7 @@ from tqdm import tqdm
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
+from utils.errors import run_cli  # noqa: E402
 from utils.geometry import resize_slices, resized_spacing  # noqa: E402
 
 LOGGER = logging.getLogger("preprocess_promise12")
@@ -280,10 +285,49 @@ def select_cases(splits, cases):
     return {name: [c for c in ids if c in wanted] for name, ids in splits.items()}
 
 
-def preprocess_promise12(raw, out, image_size=256, clahe=False, cases=None):
+def _settings(summary):
+    """What makes two preprocessing runs of a folder the same dataset."""
+    return {k: summary.get(k) for k in ("image_size", "clahe", "source", "splits")}
+
+
+def check_output_folder(out, summary, overwrite):
+    """Refuse to replace ``out`` unless it is empty/new, holds a dataset made with the same settings
+    and cases (a rerun), or ``overwrite`` is given; never touch a folder this script did not make."""
+    out = Path(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    info = out / "dataset.json"
+    if not out.is_dir() or not info.is_file():
+        raise FileExistsError(f"--out {out}: exists and holds no dataset.json, so it was not made by this script; "
+                              f"choose a new or empty folder")
+    try:
+        old = json.loads(info.read_text())
+    except ValueError:
+        old = {}
+    before, after = _settings(old), _settings(summary)
+    changed = [k for k in before if before[k] != after[k]]
+    if not changed:
+        return
+    if not overwrite:
+        def show(settings, key):
+            value = settings[key]
+            if key == "splits" and isinstance(value, dict):
+                return "/".join(f"{name} {len(value.get(name, []))}" for name in SPLITS) + " cases"
+            return repr(value)
+        text = "; ".join(f"{k}: {show(before, k)} there, {show(after, k)} now" for k in changed)
+        raise FileExistsError(f"--out {out} holds a dataset made with other settings ({text}); pass --overwrite to "
+                              f"replace the whole folder, or choose another --out")
+    LOGGER.warning("--overwrite: replacing %s (%s changed)", out, ", ".join(changed))
+
+
+def preprocess_promise12(raw, out, image_size=256, clahe=False, cases=None, overwrite=False):
     """Preprocess the raw folder into ``out`` (layout in the module docstring); return the summary dict.
 
-    ``cases`` optionally restricts processing to these case ids (they keep their split).
+    ``cases`` optionally restricts processing to these case ids (they keep their split). Every case
+    is read and validated before anything is written; the output is written into a temporary
+    sibling folder that replaces ``out`` only once complete, so a failed run leaves ``out`` as it
+    was. An ``out`` that holds a dataset made with other settings or cases is refused unless
+    ``overwrite``.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 8:
         raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
@@ -297,22 +341,10 @@ def preprocess_promise12(raw, out, image_size=256, clahe=False, cases=None):
     splits = select_cases(splits, cases)
     if not any(splits.values()):
         raise ValueError(f"--raw: no cases to process in {raw}")
-    (out / "data" / "slices").mkdir(parents=True, exist_ok=True)
-    train_slices = []
     ordered = [(name, case) for name in SPLITS for case in splits[name]]
-    for split, case in tqdm(ordered, desc="PROMISE12", unit="case"):
-        image_path, seg_path = case_files(case, found[case])
-        image, image_array, label = load_case(image_path, seg_path)
-        volume, labels = preprocess_arrays(image_array, label, image_size, clahe)
-        write_h5(out / "data" / f"{case}.h5", volume, labels, volume_attributes(image, image_size, clahe))
-        if split == "train":
-            for k in range(volume.shape[0]):
-                slice_id = f"{case}_slice_{k}"
-                write_h5(out / "data" / "slices" / f"{slice_id}.h5", volume[k], labels[k])
-                train_slices.append(slice_id)
-    for name in SPLITS:
-        write_lines(out / f"{name}.list", splits[name])
-    write_lines(out / "train_slices.list", train_slices)
+    files = {case: case_files(case, found[case]) for _, case in ordered}
+    for _, case in tqdm(ordered, desc="checking", unit="case"):
+        load_case(*files[case])  # geometry and label values of every case, before anything is written
     summary = {
         "image_size": image_size,
         "clahe": bool(clahe),
@@ -320,11 +352,51 @@ def preprocess_promise12(raw, out, image_size=256, clahe=False, cases=None):
         "split_source": split_source,
         "splits": splits,
         "withheld_test_cases": withheld,
-        "num_train_slices": len(train_slices),
         "num_classes": 2,
     }
-    (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    check_output_folder(out, summary, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        summary["num_train_slices"] = _write_dataset(partial, ordered, files, splits, summary, image_size, clahe)
+        _swap_in(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return summary
+
+
+def _write_dataset(folder, ordered, files, splits, summary, image_size, clahe):
+    """Write every case, the lists and dataset.json into ``folder``; returns the training slice count."""
+    (folder / "data" / "slices").mkdir(parents=True)
+    train_slices = []
+    for split, case in tqdm(ordered, desc="PROMISE12", unit="case"):
+        image, image_array, label = load_case(*files[case])
+        volume, labels = preprocess_arrays(image_array, label, image_size, clahe)
+        write_h5(folder / "data" / f"{case}.h5", volume, labels, volume_attributes(image, image_size, clahe))
+        if split == "train":
+            for k in range(volume.shape[0]):
+                slice_id = f"{case}_slice_{k}"
+                write_h5(folder / "data" / "slices" / f"{slice_id}.h5", volume[k], labels[k])
+                train_slices.append(slice_id)
+    for name in SPLITS:
+        write_lines(folder / f"{name}.list", splits[name])
+    write_lines(folder / "train_slices.list", train_slices)
+    info = {**summary, "num_train_slices": len(train_slices)}
+    (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    return len(train_slices)
+
+
+def _swap_in(partial, out):
+    """Replace ``out`` by the complete folder ``partial`` (two renames; the old folder is then deleted)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    os.replace(partial, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
@@ -335,12 +407,14 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=256, help="output slice size S (S x S)")
     parser.add_argument("--clahe", action="store_true", help="adaptive histogram equalisation per slice")
     parser.add_argument("--cases", nargs="+", default=None, help="process only these case ids")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out folder that holds a dataset made with other settings or cases")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    summary = preprocess_promise12(args.raw, args.out, args.image_size, args.clahe, args.cases)
+    summary = preprocess_promise12(args.raw, args.out, args.image_size, args.clahe, args.cases, args.overwrite)
     counts = ", ".join(f"{name} {len(summary['splits'][name])}" for name in SPLITS)
     LOGGER.info("wrote %s: %s cases, %d training slices", args.out, counts, summary["num_train_slices"])
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -6,6 +6,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts:
 (optimizer states, a second student, a teacher). ``torch.load(weights_only=True)`` reads it,
 so a checkpoint from elsewhere cannot execute code.
 """
+import io
 import os
 import random
 import tempfile
@@ -18,24 +19,60 @@ FORMAT = "sscd-checkpoint-v1"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or does not fit the model/config it is used with."""
+    """A checkpoint that cannot be read, written, or does not fit the model/config it is used with."""
+    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+
+
+TEMP_PREFIX = "."  # temporary files: .<name>.<random>, renamed to <name> once complete
 
 
 def save_checkpoint(state, path):
-    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    The checkpoint is serialised in memory first, so a full disk or a read-only folder surfaces
+    as a ``CheckpointError`` naming the path and the cause; the file previously at ``path`` is then
+    untouched and no temporary file is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write_bytes(f, buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({os_cause(err)})") from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def write_bytes(f, data):
+    """``f.write(data)`` (one place for the tests to simulate a full disk)."""
+    f.write(data)
+
+
+def os_cause(err):
+    """A short reason for an OSError: 'no space left on device', 'read-only file system', ..."""
+    return (err.strerror or str(err)).lower() if isinstance(err, OSError) else str(err)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that an interrupted ``save_checkpoint`` (SIGKILL, power loss)
+    left in ``folder``; returns their names. Call it only where no other process is writing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(TEMP_PREFIX)
+             and ".pth." in p.name]
+    for p in stale:
+        p.unlink()
+    return sorted(p.name for p in stale)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -46,10 +83,19 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {_load_cause(err)})") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not a checkpoint of this project (expected format {FORMAT!r} with a 'model')")
     return state
+
+
+def _load_cause(err):
+    """The first line of torch.load's error that is not advice to re-run with
+    ``weights_only=False``: that would switch off the very check that keeps a crafted checkpoint
+    from executing code."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    keep = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    return (keep or [type(err).__name__])[0].split(". This is an internal")[0]
 
 
 def load_model_state(model, state_dict, source):

@@ -2,7 +2,7 @@
 train_PROMISE12_SSCD.py (they differ only by the dataset's class count and defaults)."""
 from utils.config import base_parser, parse_args
 from utils.run import Run
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_metrics, train_sscd
+from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_metrics, run_outputs, train_sscd
 
 # dataset -> (number of classes, default --labelnum)
 DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}
@@ -16,7 +16,7 @@ def train_main(dataset, description, argv=None):
     parser.set_defaults(exp=f"{dataset}_SSCD", max_iterations=None)
     args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
-    run = Run(args, dataset)
+    run = Run(args, dataset, run_outputs(args, len(stages)))
     try:
         final = train_sscd(run, stages)
         if run.rank == 0:

@@ -4,6 +4,7 @@ Precedence: built-in defaults < ``--config file.yaml`` < flags given on the comm
 The resolved configuration is saved as ``config.yaml`` beside the checkpoints.
 """
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -30,7 +31,11 @@ def base_parser(description, dataset, num_classes, labelnum):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--val_interval", type=int, default=200, help="validate on val.list every N iterations")
     p.add_argument("--log_interval", type=int, default=20, help="log scalars (and check the loss) every N iterations")
-    p.add_argument("--resume", action="store_true", help="continue the run in --save_dir from its last.pth")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir from its last.pth (the run's settings must not change)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --save_dir (without it, and without --resume, a folder "
+                        "that holds a run is refused)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--aug_device", choices=["device", "loader"], default="device",
                    help="augment batched on --device, or per sample in DataLoader workers")
@@ -68,16 +73,7 @@ def parse_args(parser, argv=None, presets=None):
     values = {}
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
-        path = Path(pre.config)
-        if not path.is_file():
-            parser.error(f"--config {path}: file not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            parser.error(f"--config {path}: expected a mapping of flag names to values")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            parser.error(f"--config {path}: unknown keys {unknown}")
+        values = load_config_file(parser, pre.config)
         parser.set_defaults(**values)
     if presets is not None:
         method = parser.parse_known_args(argv)[0].method
@@ -88,16 +84,89 @@ def parse_args(parser, argv=None, presets=None):
         value = getattr(args, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
             parser.error(f"--{action.dest} {value!r}: expected one of {list(action.choices)}")
+    for flag in POSITIVE_FLAGS:
+        value = getattr(args, flag, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{flag} {value}: expected a positive number")
+    if not math.isfinite(args.base_lr):
+        parser.error(f"--base_lr {args.base_lr}: expected a finite learning rate")
+    if args.num_classes < 2:
+        parser.error(f"--num_classes {args.num_classes}: expected at least 2 (background and one structure)")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers {args.num_workers}: expected 0 or more")
     if not 0 < args.labeled_bs <= args.batch_size:
         parser.error(f"--labeled_bs {args.labeled_bs} must be in 1..--batch_size ({args.batch_size})")
     if args.image_size % 16:
         parser.error(f"--image_size {args.image_size} must be divisible by 16")
     if args.sync_bn and not str(args.device).startswith("cuda"):
         parser.error(f"--sync_bn: SyncBatchNorm needs CUDA devices, got --device {args.device}")
-    for flag in ("max_iterations", "val_interval", "log_interval"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be positive")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --save_dir, --overwrite replaces it: give one of them")
     return args
+
+
+# flags that must be > 0 (budgets, sizes, rates); checked before anything is built or written
+POSITIVE_FLAGS = ("image_size", "batch_size", "labeled_bs", "labelnum", "max_iterations", "val_interval",
+                  "log_interval", "base_lr")
+
+
+def _type_name(action):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return "true or false"
+    return {int: "an integer", float: "a number"}.get(action.type, "a string")
+
+
+def _yaml_value(action, value):
+    """``value`` from a YAML file converted to what the command line would give for ``action``,
+    or None if it has the wrong type (a bool for a number, a float for an integer, a list, ...)."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return value if isinstance(value, bool) else None
+    if action.nargs not in (None, "?") or isinstance(value, (bool, list, dict)):
+        return None
+    if action.type is int:
+        return value if isinstance(value, int) else None
+    if action.type is float:
+        return float(value) if isinstance(value, (int, float)) else None
+    if action.type in (None, str):
+        return value if isinstance(value, str) else None
+    return None
+
+
+def load_config_file(parser, path):
+    """The flag values of a YAML ``--config`` file, each checked against its flag's type (and, later
+    in ``parse_args``, its choices); ``parser.error`` naming the file and the key otherwise.
+    ``null`` is accepted for flags whose default is None."""
+    path = Path(path)
+    if not path.is_file():
+        parser.error(f"--config {path}: file not found")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        parser.error(f"--config {path}:{where}: not valid YAML ({problem})")
+    except (OSError, UnicodeDecodeError) as err:
+        parser.error(f"--config {path}: cannot be read ({err})")
+    values = values or {}
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(str(k) for k in set(values) - set(actions))
+    if unknown:
+        parser.error(f"--config {path}: unknown keys {unknown}")
+    checked = {}
+    for key, value in values.items():
+        action = actions[key]
+        if value is None and action.default is None:
+            checked[key] = None
+            continue
+        converted = _yaml_value(action, value)
+        if converted is None:
+            parser.error(f"--config {path}: key '{key}': expected {_type_name(action)}, got {value!r} "
+                         f"({type(value).__name__})")
+        checked[key] = converted
+    return checked
 
 
 def resolve_save_dir(args):

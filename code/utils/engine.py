@@ -26,11 +26,28 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from utils import distributed
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import (CheckpointError, load_checkpoint, load_model_state, remove_stale_temporaries, rng_state,
+                              save_checkpoint, set_rng_state)
 
 
 class NonFiniteLoss(RuntimeError):
     """Raised when a loss becomes NaN or infinite."""
+    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+
+
+class NonFiniteWeights(NonFiniteLoss):
+    """Raised when a weight or BatchNorm statistic becomes NaN or infinite (the loss may stay finite)."""
+
+
+def first_nonfinite(models):
+    """``'<model>.<tensor>'`` of the first floating-point parameter or buffer (BatchNorm running
+    statistics included) of ``models`` (name -> module) that holds a NaN or inf, else None.
+    One host read when everything is finite."""
+    named = [(f"{key}.{n}", t) for key, m in models.items() for n, t in m.state_dict().items()
+             if t.is_floating_point()]
+    if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+        return None
+    return next(n for n, t in named if not bool(torch.isfinite(t).all()))
 
 
 def seed_everything(seed, deterministic=True):
@@ -133,6 +150,11 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
     if main_rank:
         save_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = save_dir / "last.pth", save_dir / "best.pth"
+    if main_rank:
+        stale = remove_stale_temporaries(save_dir)
+        if stale and logger:
+            logger.warning(f"[{name}] removed temporary files of an interrupted checkpoint write in {save_dir}: "
+                           f"{', '.join(stale)}")
     start, best = 0, (-1.0, -1)
     if resume and last_path.is_file():
         state = restore(last_path, models, optimizers)
@@ -169,9 +191,8 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             if it % log_interval == 0 or is_val:
                 bad_it, means = _gather(first_bad, device_sums, count)
                 if bad_it >= 0:
-                    saved = (f"The last good checkpoint is {last_path}" if last_path.is_file()
-                             else "No checkpoint was written")
-                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. {saved}")
+                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. "
+                                        f"{_last_good(last_path)}")
                 if main_rank:
                     for k, v in means.items():
                         writer.add_scalar(f"{name}/{k}", v, it)
@@ -181,6 +202,11 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                     text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
                     logger.info(f"[{name}] it {it}/{iterations} {text} ({(time.time() - t0) / max(count, 1):.3f}s/it)")
                 device_sums, count, t0 = {}, 0, time.time()
+            if is_val:  # never validate or save a model whose weights or statistics overflowed
+                bad_tensor = first_nonfinite(models)
+                if bad_tensor is not None:
+                    raise NonFiniteWeights(f"[{name}] non-finite values in {bad_tensor} at iteration {it} (the "
+                                           f"loss stayed finite; lower --base_lr); stopping. {_last_good(last_path)}")
             if is_val and main_rank:
                 for m in models.values():
                     m.eval()
@@ -208,6 +234,10 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             writer.close()
     distributed.barrier()
     return _state(models, optimizers, it, best, config, finished=True, resumables=resumables)
+
+
+def _last_good(last_path):
+    return f"The last good checkpoint is {last_path}" if last_path.is_file() else "No checkpoint was written"
 
 
 def _gather(first_bad, device_sums, count):

@@ -31,9 +31,25 @@ def predict_volume(model, image, image_size, device, batch_size=64):
     return pred.cpu().numpy()
 
 
+def scored_classes(volumes, num_classes):
+    """The foreground classes (1..C-1) present in the ground truth of at least one of ``volumes``:
+    the classes the selection Dice averages. A class absent from every volume would score 1 for
+    a model that never predicts it and so raise the mean; ValueError if no class is present."""
+    present = np.zeros(num_classes, dtype=bool)
+    for v in volumes:
+        present[np.unique(v["label"])] = True
+    scored = [k for k in range(1, num_classes) if present[k]]
+    if not scored:
+        cases = ", ".join(v["case"] for v in volumes[:3])
+        raise ValueError(f"validation volumes ({cases}, ...): no foreground class 1..{num_classes - 1} occurs in "
+                         f"any of them; nothing to select a model on")
+    return scored
+
+
 class Validator:
     """Validation Dice for model selection: the mean over volumes of the per-class Dice (classes
-    1..C-1, the rule of ``utils.metrics.dice_per_class``) and its class mean.
+    1..C-1, the rule of ``utils.metrics.dice_per_class``) and its mean over the classes that occur
+    in some validation volume (``scored_classes``; a warning through ``logger`` names the others).
 
     The volumes are uploaded once, on the first call: every slice resized to the network size in
     one (S, 1, size, size) tensor, the labels at their own size. A call runs all slices of all
@@ -41,10 +57,16 @@ class Validator:
     and counts each volume's confusion matrix with a scatter on the device.
     """
 
-    def __init__(self, volumes, num_classes, image_size, device, batch_size=128):
+    def __init__(self, volumes, num_classes, image_size, device, batch_size=128, logger=None):
         self.volumes, self.num_classes, self.image_size = volumes, num_classes, image_size
         self.device, self.batch_size = torch.device(device), batch_size
         self.slices = None
+        self.scored = scored_classes(volumes, num_classes)
+        missing = [k for k in range(1, num_classes) if k not in self.scored]
+        if missing and logger is not None:
+            logger.warning(f"validation: class(es) {missing} occur in no validation volume; they would score "
+                           f"Dice 1 whenever the model never predicts them, so the selection Dice is the mean "
+                           f"over classes {self.scored} only")
 
     def _upload(self):
         size = (self.image_size, self.image_size)
@@ -71,7 +93,8 @@ class Validator:
             inter, total = confusion.diagonal()[1:], (confusion.sum(0) + confusion.sum(1))[1:]
             dice.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
         per_class = torch.stack(dice).mean(dim=0).tolist()
-        return float(np.mean(per_class)), {f"dice_class{k + 1}": d for k, d in enumerate(per_class)}
+        score = float(np.mean([per_class[k - 1] for k in self.scored]))
+        return score, {f"dice_class{k + 1}": d for k, d in enumerate(per_class)}
 
 
 def _case_metrics(args):

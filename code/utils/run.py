@@ -4,7 +4,10 @@ format, compilation, multi-process training; see bench/README.md), and the super
 (labeled-only) training step."""
 import contextlib
 import json
+import shutil
 from pathlib import Path
+
+import yaml
 
 import torch
 import torch._dynamo.exc
@@ -15,6 +18,7 @@ from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
 from utils import distributed
 from utils.config import resolve_save_dir, save_config
+from utils.checkpoint import os_cause, remove_stale_temporaries
 from utils.engine import close_logger, get_logger, seed_everything, train_loop
 from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
@@ -95,7 +99,75 @@ class Forward:
 class Run:
     """Everything a trainer needs besides its own modules: args, root, save_dir, device, logger, config."""
 
-    def __init__(self, args, dataset):
+# what the supervised trainer writes in --save_dir
+# written by a run from its start; they do not by themselves make a folder "hold a run" (no checkpoint)
+RUN_RECORDS = ("config.yaml", "log.txt")
+# what the supervised trainer writes in --save_dir
+SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb") + RUN_RECORDS
+# flags a resumed run may change: where and how fast it runs, how often it logs and validates, and
+# the supervised trainer's --max_iterations (a constant-lr run may be extended; the SSCD trainer's
+# budget is compared through the per-stage iterations it resolves to)
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "config", "device", "num_workers", "log_interval",
+                               "val_interval", "compile", "lcc", "max_iterations"})
+
+
+def saved_run_config(save_dir):
+    """The resolved flags of the run in ``save_dir`` (its config.yaml), or None."""
+    path = Path(save_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SystemExit(f"{path}: not readable YAML ({str(err).splitlines()[0]}); cannot check what --resume "
+                         f"continues") from None
+    return saved if isinstance(saved, dict) else None
+
+
+def config_changes(saved, current, may_change=RESUME_MAY_CHANGE):
+    """``[(flag, saved value, current value)]`` for every flag outside ``may_change`` whose value
+    differs (flags the saved run did not have are new in this code version and not compared)."""
+    return [(k, saved[k], current.get(k)) for k in sorted(saved)
+            if k not in may_change and k in current and saved[k] != current[k]]
+
+
+def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
+    """Check that this command may write ``outputs`` (relative paths) into ``save_dir``:
+
+    * with ``resume``: the run's saved config.yaml must agree with ``config`` except for the flags
+      in ``RESUME_MAY_CHANGE``; otherwise SystemExit naming the changed flags;
+    * without it: if any output other than the ``RUN_RECORDS`` already exists, SystemExit, unless
+      ``overwrite``, which deletes every existing output (records included), so runs never mix.
+
+    Returns the outputs deleted.
+    """
+    save_dir = Path(save_dir)
+    if resume:
+        saved = saved_run_config(save_dir)
+        changes = config_changes(saved, config) if saved is not None else []
+        if changes:
+            text = ", ".join(f"--{k} {old!r} -> {new!r}" for k, old, new in changes)
+            raise SystemExit(f"--resume: the run in {save_dir} was started with other settings ({text}); "
+                             f"resume with the same flags (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'config'}))} "
+                             f"may change), or start a new run with another --save_dir or --overwrite")
+        return []
+    existing = [name for name in outputs if (save_dir / name).exists()]
+    results = [name for name in existing if name not in RUN_RECORDS]
+    if not results:
+        return []
+    if not overwrite:
+        raise SystemExit(f"--save_dir {save_dir} already holds a run ({', '.join(results)}): pass --resume to "
+                         f"continue it, --overwrite to replace it, or choose another --save_dir")
+    if main:
+        for name in existing:
+            path = save_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return existing
+
+
+    def __init__(self, args, dataset, outputs=SUPERVISED_OUTPUTS):
+        """``outputs``: what this command writes in --save_dir (files and folders, relative); if one
+        of them already holds checkpoints the folder is refused unless --resume or --overwrite."""
         if dataset not in LABEL_TABLES:
             raise ValueError(f"unknown dataset {dataset!r}")
         self.args, self.dataset = args, dataset
@@ -103,14 +175,18 @@ class Run:
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         main = self.rank == 0
         self.save_dir = resolve_save_dir(args)
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.logger = get_logger(self.save_dir, args.exp, quiet=not main)
+        try:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            self.logger = get_logger(self.save_dir, args.exp, quiet=not main)
+        except OSError as err:
+            raise SystemExit(f"--save_dir {self.save_dir}: cannot write there ({os_cause(err)})") from None
         self.synthetic = args.root_path is None
         if self.synthetic:
             if dataset != "ACDC":
                 raise SystemExit(f"--root_path is required for {dataset} (see README: preprocessing)")
             if main:
                 make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS)
+                self.close()
             distributed.barrier()  # the other ranks read what rank 0 wrote
             args.root_path = str(SYNTHETIC_ROOT)
             self.logger.info(f"no --root_path given: using the synthetic ACDC-layout data in {args.root_path} "
@@ -122,8 +198,25 @@ class Run:
         self.amp_dtype, self.channels_last = AMP_DTYPES[args.amp], args.channels_last == "on"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
         seed_everything(self.seed(args.seed), args.deterministic)
-        self.config = save_config(args, self.save_dir) if main else vars(args).copy()
+        try:
+            self.config = save_config(args, self.save_dir) if main else vars(args).copy()
+        except OSError as err:
+            self.close()
+            raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
+        try:  # every check passes before anything of an earlier run is changed
+            removed = claim_save_dir(self.save_dir, vars(args), outputs, args.resume, args.overwrite, main)
+        except SystemExit:
+            self.close()
+            raise
+        distributed.barrier()
+        if removed:
+            self.logger = get_logger(self.save_dir, args.exp, quiet=not main)  # log.txt may have been removed
+            self.logger.info(f"--overwrite: removed {', '.join(removed)} from {self.save_dir}")
+        stale = remove_stale_temporaries(self.save_dir) if main else []
+        if stale:
+            self.logger.warning(f"removed temporary files of an interrupted checkpoint write in {self.save_dir}: "
+                                f"{', '.join(stale)}")
 
     def _check_preprocessed(self):
         """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
@@ -143,7 +236,12 @@ class Run:
     def train_data(self):
         a = self.args
         table = None if self.synthetic else LABEL_TABLES[self.dataset]
-        return TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table)
+        data = TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table)
+        if data.absent_in_labeled:
+            self.logger.warning(f"WARNING: class(es) {data.absent_in_labeled} occur in none of the "
+                                f"{len(data.labeled)} labeled slices (--labelnum {a.labelnum}): the supervised "
+                                f"losses never see them")
+        return data
 
     def val_volumes(self):
         return load_volumes(self.root, "val", self.args.num_classes)
@@ -201,7 +299,7 @@ class Run:
         """``validate()`` for train_loop: the Dice of ``model`` on ``volumes`` (eager, with the run's
         precision and memory format)."""
         a = self.args
-        validator = Validator(volumes, a.num_classes, a.image_size, self.device)
+        validator = Validator(volumes, a.num_classes, a.image_size, self.device, logger=self.logger)
         forward = self.forward(model, compile=False)
         return lambda: validator(forward)
 

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from utils.config import resolve_save_dir
 from utils.ema import ema_update
 from utils.engine import GeneratorState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
-from utils.run import train_supervised
+from utils.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
                         cgsr, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness, region_means,
                         sda_mask, split_iterations)
@@ -33,6 +34,9 @@ PRESETS = {
             "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence",
             "patch_size": 64},
 }
+# (flag, lowest, highest) of the SSCD weights and probabilities
+BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
+                 ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")))
 # --displacement -> (cgsr direction, paste shape)
 DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "square")}
 
@@ -88,6 +92,22 @@ def check_sscd_args(parser, args):
             split_iterations(args.max_iterations, len(stages))
     except ValueError as err:
         parser.error(f"--hca_weights / --max_iterations: {err}")
+    for flag, low, high in BOUNDED_FLAGS:
+        value = getattr(args, flag)
+        if not low <= value <= high:
+            parser.error(f"--{flag} {value}: expected " + (f">= {low}" if high == float("inf") else f"{low}..{high}"))
+    if args.patch_size < 1:
+        parser.error(f"--patch_size {args.patch_size}: expected a positive region side")
+    if args.stage_iterations < 1:
+        parser.error(f"--stage_iterations {args.stage_iterations}: every curriculum stage needs at least 1 iteration")
+    if args.pre_iterations < 0:
+        parser.error(f"--pre_iterations {args.pre_iterations}: expected 0 or more")
+    if args.method != "labeled_only" and args.start_stage == 0 and args.pre_iterations == 0:
+        parser.error("--pre_iterations 0 skips pre-training: give --start_stage 1 (and --init_checkpoint)")
+    if args.sda_start is not None and not 0 <= args.sda_start <= args.pre_iterations:
+        parser.error(f"--sda_start {args.sda_start}: expected 0..--pre_iterations ({args.pre_iterations})")
+    if args.init_checkpoint is not None and not Path(args.init_checkpoint).is_file():
+        parser.error(f"--init_checkpoint {args.init_checkpoint}: file not found")
     unlabeled = args.batch_size - args.labeled_bs
     if args.students == 1 and args.displacement != "none":
         parser.error(f"--displacement {args.displacement} needs --students 2 (it swaps regions between the views)")
@@ -105,6 +125,11 @@ def check_sscd_args(parser, args):
         parser.error(f"--start_stage {args.start_stage}: expected 0..{len(stages)}")
     if not 0 < args.sda_alpha <= 1:
         parser.error(f"--sda_alpha {args.sda_alpha}: expected a fraction in (0, 1]")
+    if args.method != "labeled_only" and args.start_stage >= 1 and args.init_checkpoint is None:
+        previous = resolve_save_dir(args) / stage_folder(args.start_stage - 1) / "best.pth"
+        if not previous.is_file():
+            parser.error(f"--start_stage {args.start_stage} starts from {previous}, which does not exist: "
+                         f"give --init_checkpoint")
     if args.max_iterations is not None:
         args.stage_iterations = split_iterations(args.max_iterations, len(stages))
     else:
@@ -114,6 +139,21 @@ def check_sscd_args(parser, args):
     # the labeled-only baseline gets the whole budget of the semi-supervised runs
     args.total_iterations = args.pre_iterations + sum(args.stage_iterations)
     return stages
+
+
+def run_outputs(args, n_stages):
+    """What the trainer writes in --save_dir with these flags (``Run``'s ``outputs``): the final
+    ``best.pth`` and the folders of the stages it runs (from --start_stage on); from stage 0 on,
+    also the run records config.yaml/log.txt."""
+    if args.method == "labeled_only":
+        return SUPERVISED_OUTPUTS
+    folders = [stage_folder(k) for k in range(args.start_stage, n_stages + 1)]
+    return ("best.pth", *folders, *(RUN_RECORDS if args.start_stage == 0 else ()))
+
+
+def stage_folder(k):
+    """The sub-folder of --save_dir that holds stage ``k`` (0 = pre-training)."""
+    return "pretrain" if k == 0 else f"stage_{k}"
 
 
 def _split_labeled(batch, half, views):
@@ -346,14 +386,12 @@ def train_sscd(run, stages):
     save_dir = Path(run.save_dir)
     init = Path(a.init_checkpoint) if a.init_checkpoint else None
     if a.start_stage == 0:
-        if a.pre_iterations < 1:
-            raise SystemExit("--pre_iterations 0 needs --start_stage 1 and --init_checkpoint")
-        pretrain(run, save_dir / "pretrain", a.pre_iterations, data, volumes)
-        init = save_dir / "pretrain" / "best.pth"
+        pretrain(run, save_dir / stage_folder(0), a.pre_iterations, data, volumes)
+        init = save_dir / stage_folder(0) / "best.pth"
     for k in range(max(a.start_stage, 1), len(stages) + 1):
         if init is None:
-            init = save_dir / ("pretrain" if k == 1 else f"stage_{k - 1}") / "best.pth"
-        stage_dir = save_dir / f"stage_{k}"
+            init = save_dir / stage_folder(k - 1) / "best.pth"
+        stage_dir = save_dir / stage_folder(k)
         self_train_stage(run, k, stages[k - 1], init, stage_dir, a.stage_iterations[k - 1], data, volumes)
         init = stage_dir / "best.pth"
     final = save_dir / "best.pth"

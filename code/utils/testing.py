@@ -99,6 +99,11 @@ def run_test(args, class_names, describe_data=None):
     _check_split_not_empty(root, args.split)
     out.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(root, args.split, num_classes)
+    present = {int(k) for v in volumes for k in np.unique(v["label"])}
+    absent = [name for k, name in enumerate(class_names, start=1) if k not in present]
+    if absent:
+        print(f"WARNING: {', '.join(absent)} occur(s) in no {args.split} volume: such a class scores Dice 1 "
+              f"when never predicted and raises the mean (summary.json 'absent_classes')")
     preds = []
     for v in volumes:
         pred = predict_volume(model, v["image"], image_size, device)
@@ -111,6 +116,7 @@ def run_test(args, class_names, describe_data=None):
         summary["hd95_mm"], summary["asd_mm"] = mm["hd95"], mm["asd"]
     summary.update({"split": args.split, "cases": len(volumes), "checkpoint": str(args.checkpoint),
                     "lcc": bool(args.lcc), "image_size": image_size, "classes": list(class_names),
+                    "absent_classes": absent,
                     "distance_units": "voxels" + (" (mm in *_mm)" if has_mm else "")})
     data_name = describe_data(root) if describe_data else None
     if data_name:
