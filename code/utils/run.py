@@ -96,9 +96,6 @@ class Forward:
             return _float(self.model(x, heads=heads))
 
 
-class Run:
-    """Everything a trainer needs besides its own modules: args, root, save_dir, device, logger, config."""
-
 # what the supervised trainer writes in --save_dir
 # written by a run from its start; they do not by themselves make a folder "hold a run" (no checkpoint)
 RUN_RECORDS = ("config.yaml", "log.txt")
@@ -165,6 +162,9 @@ def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
     return existing
 
 
+class Run:
+    """Everything a trainer needs besides its own modules: args, root, save_dir, device, logger, config."""
+
     def __init__(self, args, dataset, outputs=SUPERVISED_OUTPUTS):
         """``outputs``: what this command writes in --save_dir (files and folders, relative); if one
         of them already holds checkpoints the folder is refused unless --resume or --overwrite."""
@@ -183,10 +183,10 @@ def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
         self.synthetic = args.root_path is None
         if self.synthetic:
             if dataset != "ACDC":
+                self.close()
                 raise SystemExit(f"--root_path is required for {dataset} (see README: preprocessing)")
             if main:
                 make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS)
-                self.close()
             distributed.barrier()  # the other ranks read what rank 0 wrote
             args.root_path = str(SYNTHETIC_ROOT)
             self.logger.info(f"no --root_path given: using the synthetic ACDC-layout data in {args.root_path} "
@@ -197,13 +197,6 @@ def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
         resolve_speed_flags(args, self.device)
         self.amp_dtype, self.channels_last = AMP_DTYPES[args.amp], args.channels_last == "on"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        seed_everything(self.seed(args.seed), args.deterministic)
-        try:
-            self.config = save_config(args, self.save_dir) if main else vars(args).copy()
-        except OSError as err:
-            self.close()
-            raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
-        self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
         try:  # every check passes before anything of an earlier run is changed
             removed = claim_save_dir(self.save_dir, vars(args), outputs, args.resume, args.overwrite, main)
         except SystemExit:
@@ -217,6 +210,13 @@ def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
         if stale:
             self.logger.warning(f"removed temporary files of an interrupted checkpoint write in {self.save_dir}: "
                                 f"{', '.join(stale)}")
+        seed_everything(self.seed(args.seed), args.deterministic)
+        try:
+            self.config = save_config(args, self.save_dir) if main else vars(args).copy()
+        except OSError as err:
+            self.close()
+            raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
+        self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
 
     def _check_preprocessed(self):
         """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
