@@ -16,14 +16,24 @@ run whose training finished (marker ``TRAINED``) but whose evaluation did not is
 subprocess's output goes to ``run_table_<step>.log`` in the run folder. A failed step writes
 ``FAILED.json`` there (step, command, exit code, log), the table goes on with the next run, the report
 lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
-and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md`` and ``OUT/results.csv``.
+and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md``, ``OUT/results.csv``
+and ``OUT/learning_curves.png`` (every run's logged validations against its total iteration, the
+stage boundaries dotted). ``--jobs N`` trains N runs at once, one thread each.
+
+Fair by construction: every method gets the same flags after ``--`` (so the same iterations: give the
+self-training budget as ``--max_iterations``, which each method splits over its own stages;
+``--stage_iterations`` is refused for a mix of methods), the same ``--val_interval``, stage starts
+validated (``--validate_stage_start on``), and its own fresh run folder (the trainers refuse a folder
+that holds another run; an unfinished one is continued with ``--resume_training``).
 """
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +87,8 @@ def build_parser():
     p.add_argument("--resume_training", action="store_true",
                    help="pass --resume to the trainer of a run whose folder exists but did not finish")
     p.add_argument("--no_published", action="store_true", help="leave the published ACDC rows out of the report")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained at once (each subprocess then gets OMP_NUM_THREADS=1 unless it is set)")
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     return p
 
@@ -102,6 +114,12 @@ def parse_args(argv=None):
     if clash:
         parser.error(f"trainer flags {clash} are set by run_table itself (use its own --root_path/--device; "
                      f"--method/--labelnum/--seed come from --methods/--labelnums/--seeds)")
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: expected 1 or more")
+    staged = [m for m in args.methods if m != "labeled_only"]
+    if len(staged) > 1 and any(f.split("=")[0] == "--stage_iterations" for f in passthrough):
+        parser.error(f"--stage_iterations gives {', '.join(staged)} different budgets (BCP/ABD run one stage, SSCD "
+                     f"five): give --max_iterations, the self-training budget each method splits over its stages")
     if args.dataset != "ACDC" and args.root_path is None:
         parser.error(f"--root_path is required for {args.dataset} (synthetic data exist for ACDC only)")
     args.out = Path(args.out).resolve()
@@ -146,12 +164,19 @@ def status(run):
     return "todo"
 
 
-def execute(command, log_path):
+def execute(command, log_path, env=None):
     """Run ``command`` from the repository root with its output in ``log_path``; its exit code."""
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
-        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def one_thread(runner):
+    """``runner`` with OMP_NUM_THREADS=1 in the subprocess environment (unless set): runs that share
+    the cores must not each spin up a thread per core."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return lambda command, log: runner(command, log, env=env) if runner is execute else runner(command, log)
 
 
 def _tail(path, n=25):
@@ -222,15 +247,18 @@ def main(argv=None, runner=execute):
     (runs_dir / EXPECTED_FILE).write_text(json.dumps(
         {"dataset": args.dataset, "split": args.split, "runs": [r["name"] for r in runs],
          "trainer_flags": passthrough, "root_path": args.root_path}, indent=2))
-    failures = []
+    todo = []
     for k, run in enumerate(runs, start=1):
         if status(run) == "done":
             print(f"[{k}/{len(runs)}] {run['name']}: skipped ({run['summary']} exists)", flush=True)
-            continue
-        print(f"[{k}/{len(runs)}] {run['name']}", flush=True)
-        failure = run_one(run, args, runner)
-        if failure:
-            failures.append(failure)
+        else:
+            todo.append(run)
+    if args.jobs > 1:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(lambda run: run_one(run, args, one_thread(runner)), todo))
+    else:
+        results = [run_one(run, args, runner) for run in todo]
+    failures = [f for f in results if f]
     rows, problems = build_report(runs_dir, args.out, published=args.dataset == "ACDC" and not args.no_published,
                                   split=args.split)
     print(f"report: {args.out / 'results.md'}, {args.out / 'results.csv'} ({len(rows)} rows)")

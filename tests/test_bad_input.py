@@ -227,14 +227,16 @@ def test_failed_resume_leaves_config_unchanged(finished, synthetic_root):
 
 def test_rerun_into_a_run_folder_refused_unless_overwrite(finished, synthetic_root):
     best = (finished / "best.pth").read_bytes()
-    with pytest.raises(SystemExit, match=r"already holds a run \(best\.pth, last\.pth, tb\): pass --resume"):
+    with pytest.raises(SystemExit, match=r"already holds a run \(best\.pth, last\.pth, tb, validations\.jsonl\): "
+                                         r"pass --resume"):
         train_ACDC_supervised.main(tiny(synthetic_root, finished, 2, 2))
     assert (finished / "best.pth").read_bytes() == best
     (finished / "log.txt").write_text("OLD RUN\n")
     train_ACDC_supervised.main(tiny(synthetic_root, finished, 2, 2, "--overwrite"))
     assert load_checkpoint(finished / "last.pth")["iteration"] == 2
     log = (finished / "log.txt").read_text()
-    assert "OLD RUN" not in log and "--overwrite: removed best.pth, last.pth, tb, config.yaml, log.txt" in log
+    assert "OLD RUN" not in log
+    assert "--overwrite: removed best.pth, last.pth, tb, validations.jsonl, config.yaml, log.txt" in log
 
 
 def test_sscd_start_stage_may_reuse_the_pretraining_folder(synthetic_root, tmp_path):

@@ -103,6 +103,9 @@ class FakeRunner:
             (run / "config.yaml").write_text(yaml.safe_dump({"method": method, "seed": seed, "labelnum": 1,
                                                              "image_size": 32, "total_iterations": 20}))
             (run / "best.pth").write_bytes(b"weights")
+            history = [{"phase": "pretrain", "iteration": it, "total_iteration": it, "dice": 0.1 * it + seed / 100}
+                       for it in (0, 5, 10)]
+            (run / "validations.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
             return 0
         out = Path(command[command.index("--out") + 1])
         run = out.parent
@@ -190,3 +193,39 @@ def test_bad_flags_are_refused(tmp_path, capsys, bad, message):
     with pytest.raises(SystemExit) as exc:
         run_table.main(["--out", str(tmp_path / "t"), *own, "--dry_run"] + (["--", *rest] if "--" in bad else []))
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_jobs_run_everything_and_the_report_draws_learning_curves(tmp_path):
+    out = tmp_path / "table"
+    runner = FakeRunner()
+    assert run_table.main(argv(out, "--jobs", "2"), runner=runner) == 0
+    assert sorted(runner.runs_called("train")) == sorted(f"ACDC_{m}_1_s{s}" for m in ("labeled_only", "sscd")
+                                                         for s in (1, 2))
+    png = out / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+
+
+def test_stage_iterations_refused_for_methods_with_different_stage_counts(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run_table.main(["--methods", "bcp", "sscd", "--out", str(tmp_path), "--", "--stage_iterations", "10"])
+    assert "give --max_iterations" in capsys.readouterr().err
+    assert run_table.main(["--methods", "labeled_only", "sscd", "--out", str(tmp_path), "--dry_run", "--",
+                           "--stage_iterations", "10"]) == 0
+
+
+def test_compare_acdc_is_run_table_with_cpu_scale_flags(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_acdc", REPO / "bench" / "compare_acdc.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    runner = FakeRunner()
+    compare.main(["--root_path", str(tmp_path), "--out", str(tmp_path / "cmp"), "--seeds", "1", "2",
+                  "--labelnums", "1"], runner=runner)
+    train = [c for c in runner.calls if "code/train_ACDC_SSCD.py" in c]
+    assert len(train) == 4
+    for command in train:  # one budget and one validation schedule for every method
+        text = shlex.join(command)
+        assert "--max_iterations 600" in text and "--pre_iterations 600" in text and "--val_interval 40" in text
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # FakeRunner: Dice 0.5 + seed / 10 -> seeds 1, 2: mean 0.65, sample std 0.0707
+    assert result["sscd_1"]["mean"] == pytest.approx(0.65) and result["sscd_1"]["std"] == pytest.approx(0.0707, abs=1e-4)
+    assert result["iterations"] == 1200

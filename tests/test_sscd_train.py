@@ -143,6 +143,19 @@ def test_presets_set_flags_and_stay_overridable(synthetic_root, tmp_path):
     assert (args.method, args.students, args.ds_weight) == ("bcp", 1, 0.25)  # YAML beats the preset
 
 
+@pytest.mark.parametrize("method, size, patch", [("sscd", 256, 32), ("sscd", 64, 8), ("bcp", 128, 16),
+                                                 ("abd", 256, 64), ("abd", 64, 16), ("abd", 32, 8)])
+def test_preset_region_sizes_follow_the_image_size(method, size, patch):
+    parser = sscd_train.add_sscd_args(base_parser("t", "ACDC", 4, 7))
+    args = parse_args(parser, ["--method", method, "--image_size", str(size)], sscd_train.PRESETS)
+    sscd_train.check_sscd_args(parser, args)  # "--method abd --image_size 64" used to stop on --top_num
+    assert args.patch_size == patch and (size // patch) ** 2 >= args.top_num
+    args = parse_args(parser, ["--method", method, "--image_size", str(size), "--patch_size", "4"],
+                      sscd_train.PRESETS)
+    sscd_train.check_sscd_args(parser, args)
+    assert args.patch_size == 4  # given on the command line: kept
+
+
 def test_bad_sscd_flags_are_refused(synthetic_root, tmp_path, capsys):
     for flags, word in ((["--batch_size", "6"], "--batch_size"), (["--patch_size", "12"], "--patch_size"),
                         (["--students", "1"], "--displacement"), (["--start_stage", "9"], "--start_stage"),

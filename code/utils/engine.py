@@ -14,6 +14,7 @@ over the ranks, a non-finite loss on any rank stops all of them, and only rank 0
 writes tensorboard and checkpoints; the ranks meet at a barrier before returning, so the
 checkpoints exist for whatever the caller loads next.
 """
+import json
 import logging
 import random
 import sys
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from utils import distributed
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_model_state, remove_stale_temporaries, rng_state,
                               save_checkpoint, set_rng_state)
+from utils.curves import VAL_HISTORY  # one JSON record per validation, in every train_loop folder
 
 
 class NonFiniteLoss(RuntimeError):
@@ -137,13 +139,18 @@ def restore(path, models, optimizers):
 
 def train_loop(*, save_dir, iterations, step, models, optimizers, validate, config,
                val_interval, log_interval, resume=False, logger=None, name="train", on_validate=None,
-               resumables=None):
+               resumables=None, validate_start=False, offset=0):
     """Run ``iterations`` steps with validation and checkpoints; returns the final state dict.
 
     ``on_validate(writer, iteration)`` may add images to tensorboard at each validation.
     ``resumables``: name -> object with ``state_dict()`` / ``load_state_dict()`` (the batch stream,
     the step's generators) saved in every checkpoint and restored on resume, so a resumed run
     draws the same batches and random boxes as an uninterrupted one.
+    ``validate_start``: also validate (and checkpoint) the starting weights, as iteration 0, so
+    that ``best.pth`` can be the start when no step improves on it.
+    Every validation appends ``{"phase": name, "iteration", "total_iteration": offset + iteration,
+    "dice", "dice_class<c>"...}`` to ``save_dir/validations.jsonl`` (the learning curves; a record
+    repeated by a resume has the same phase and iteration, and the later one counts).
     """
     main_rank = distributed.is_main()
     save_dir = Path(save_dir)
@@ -169,12 +176,51 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
         if state.get("finished"):
             return state
+        validate_start = False  # the restored run has validated its start already
     writer = SummaryWriter(str(save_dir / "tb")) if main_rank else None
+
+    def check_weights(it):  # never validate or save a model whose weights or statistics overflowed
+        bad_tensor = first_nonfinite(models)
+        if bad_tensor is not None:
+            raise NonFiniteWeights(f"[{name}] non-finite values in {bad_tensor} at iteration {it} (the "
+                                   f"loss stayed finite; lower --base_lr); stopping. {_last_good(last_path)}")
+
+    def validate_and_save(it):
+        nonlocal best
+        for m in models.values():
+            m.eval()
+        t_val = time.time()
+        score, scalars = validate()
+        t_val = time.time() - t_val
+        for k, v in scalars.items():
+            writer.add_scalar(f"{name}/val_{k}", v, it)
+        writer.add_scalar(f"{name}/val_dice", score, it)
+        if on_validate:
+            on_validate(writer, it)
+        improved = score > best[0]
+        if improved:
+            best = (score, it)
+        state = _state(models, optimizers, it, best, config, finished=it == iterations,
+                       resumables=resumables, val={"dice": score, **scalars})
+        record = {"phase": name, "iteration": it, "total_iteration": offset + it, "dice": score, **scalars}
+        with open(save_dir / VAL_HISTORY, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            save_checkpoint(state, best_path)
+        save_checkpoint(state, last_path)
+        if logger:
+            logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]}; "
+                        f"validation {t_val:.2f}s)")
+
     device_sums, count = {}, 0
     first_bad = None
-    t0 = time.time()
     it = start
     try:
+        if validate_start:
+            check_weights(0)
+            if main_rank:
+                validate_and_save(0)
+        t0 = time.time()
         for it in tqdm(range(start + 1, iterations + 1), initial=start, total=iterations, desc=name,
                        dynamic_ncols=True, disable=not sys.stderr.isatty()):
             for m in models.values():
@@ -202,32 +248,10 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                     text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
                     logger.info(f"[{name}] it {it}/{iterations} {text} ({(time.time() - t0) / max(count, 1):.3f}s/it)")
                 device_sums, count, t0 = {}, 0, time.time()
-            if is_val:  # never validate or save a model whose weights or statistics overflowed
-                bad_tensor = first_nonfinite(models)
-                if bad_tensor is not None:
-                    raise NonFiniteWeights(f"[{name}] non-finite values in {bad_tensor} at iteration {it} (the "
-                                           f"loss stayed finite; lower --base_lr); stopping. {_last_good(last_path)}")
-            if is_val and main_rank:
-                for m in models.values():
-                    m.eval()
-                t_val = time.time()
-                score, scalars = validate()
-                t_val = time.time() - t_val
-                for k, v in scalars.items():
-                    writer.add_scalar(f"{name}/val_{k}", v, it)
-                if on_validate:
-                    on_validate(writer, it)
-                improved = score > best[0]
-                if improved:
-                    best = (score, it)
-                state = _state(models, optimizers, it, best, config, finished=it == iterations,
-                               resumables=resumables, val={"dice": score, **scalars})
-                if improved:
-                    save_checkpoint(state, best_path)
-                save_checkpoint(state, last_path)
-                if logger:
-                    logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]}; "
-                                f"validation {t_val:.2f}s)")
+            if is_val:
+                check_weights(it)
+                if main_rank:
+                    validate_and_save(it)
                 t0 = time.time()  # the next s/it excludes validation and checkpoint writing
     finally:
         if writer is not None:

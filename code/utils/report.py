@@ -31,6 +31,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+CODE_DIR = str(Path(__file__).resolve().parents[1])
+if CODE_DIR not in sys.path:  # run as a script: python code/utils/report.py
+    sys.path.insert(0, CODE_DIR)
+from utils.curves import plot_learning_curves, read_history  # noqa: E402
+
 METRICS = ("dice", "jaccard", "hd95", "asd")
 MM_METRICS = ("hd95", "asd")
 PERCENT = {"dice", "jaccard"}
@@ -43,6 +48,7 @@ METHOD_NAMES = {"labeled_only": "U-Net (labeled only)", "bcp": "BCP", "abd": "AB
 RUN_NAME = re.compile(r"^(?P<dataset>[A-Za-z0-9]+)_(?P<method>[A-Za-z0-9_]+?)_(?P<labelnum>\d+)_s(?P<seed>\d+)$")
 EXPECTED_FILE = "expected_runs.json"
 FAILED_FILE = "FAILED.json"
+CURVES_FILE = "learning_curves.png"  # val Dice against total iteration, one line per run
 CHECK_TOL = 1e-5  # cases.csv holds 6 decimals; relative to max(1, |value|)
 
 #: ACDC rows quoted from the papers (PEERS.md §1): (method, labeled patients, Dice %, Jaccard %,
@@ -443,7 +449,8 @@ def render_markdown(rows, problems, published=()):
 
 
 def build_report(runs_dir, out_dir, published=False, split=None):
-    """Collect, aggregate and write ``out_dir/results.md`` and ``out_dir/results.csv``.
+    """Collect, aggregate and write ``out_dir/results.md``, ``out_dir/results.csv`` and the
+    learning-curve figure ``out_dir/learning_curves.png`` (from each run's logged validations).
 
     Returns ``(rows, problems)`` (see ``aggregate`` and ``collect``).
     """
@@ -458,7 +465,20 @@ def build_report(runs_dir, out_dir, published=False, split=None):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(lines)
+    plot_learning_curves(curve_runs(runs_dir), out_dir / CURVES_FILE, order=METHOD_ORDER)
     return rows, problems
+
+
+def curve_runs(runs_dir):
+    """Every run folder's identity, config and logged validations (``utils.curves``), evaluated or
+    not: the input of the learning-curve figure."""
+    out = []
+    for folder in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):
+        ident = parse_run_name(folder.name)
+        if ident is None:
+            continue
+        out.append({**ident, "config": read_config(folder), "history": read_history(folder)})
+    return out
 
 
 def main(argv=None):

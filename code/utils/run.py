@@ -19,6 +19,7 @@ from networks.unet import build_model
 from utils import distributed
 from utils.config import resolve_save_dir, save_config
 from utils.checkpoint import os_cause, remove_stale_temporaries
+from utils.curves import VAL_HISTORY
 from utils.engine import close_logger, get_logger, seed_everything, train_loop
 from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
@@ -100,7 +101,7 @@ class Forward:
 # written by a run from its start; they do not by themselves make a folder "hold a run" (no checkpoint)
 RUN_RECORDS = ("config.yaml", "log.txt")
 # what the supervised trainer writes in --save_dir
-SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb") + RUN_RECORDS
+SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb", VAL_HISTORY) + RUN_RECORDS
 # flags a resumed run may change: where and how fast it runs, how often it logs and validates, and
 # the supervised trainer's --max_iterations (a constant-lr run may be extended; the SSCD trainer's
 # budget is compared through the per-stage iterations it resolves to)

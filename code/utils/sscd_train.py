@@ -31,9 +31,11 @@ PRESETS = {
     "bcp": {"sda": "off", "students": 1, "displacement": "none", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
             "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema"},
     "abd": {"sda": "off", "students": 2, "displacement": "abd", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
-            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence",
-            "patch_size": 64},
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence"},
 }
+# --patch_size when not given: --image_size / this (SSCD: 32 at 256², an 8x8 grid; ABD: 64-pixel squares)
+PATCH_DIVISORS = {"abd": 4}
+DEFAULT_PATCH_DIVISOR = 8
 # (flag, lowest, highest) of the SSCD weights and probabilities
 BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
                  ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")))
@@ -69,7 +71,9 @@ def add_sscd_args(p):
                    help="max_softmax: the paper; logits: the reference code")
     g.add_argument("--rank_by", choices=RANK_BY, default="confidence",
                    help="region hardness: low confidence (paper) or neighbour contrast (reference)")
-    g.add_argument("--patch_size", type=int, default=32, help="side of the Decouple/CGSR regions")
+    g.add_argument("--patch_size", type=int, default=None,
+                   help="side of the Decouple/CGSR regions (default: --image_size / 8, i.e. 32 at 256²; "
+                        "--method abd: --image_size / 4)")
     g.add_argument("--top_num", type=int, default=4, help="easy candidate regions per image for the KL choice")
     g.add_argument("--cgsr_kl_prob", type=float, default=0.5, help="probability of the KL-guided CGSR branch")
     g.add_argument("--teacher", choices=["ema", "frozen"], default="ema",
@@ -77,6 +81,12 @@ def add_sscd_args(p):
     g.add_argument("--ema_decay", type=float, default=0.99)
     g.add_argument("--center_disc_stages", type=int, default=3,
                    help="use the centre-disc loss in the first N stages (0 disables)")
+    g.add_argument("--validate_stage_start", choices=["on", "off"], default="on",
+                   help="validate each stage's starting weights (iteration 0) too, so a stage's best.pth can be "
+                        "its start when no step improves on it (off: the reference, only every --val_interval)")
+    g.add_argument("--final", choices=["best_stage", "last_stage"], default="best_stage",
+                   help="final model: the best-on-val checkpoint over all stages, or the last stage's best "
+                        "(the reference); equal scores with --validate_stage_start on")
     g.add_argument("--start_stage", type=int, default=0, help="0: pre-training; k: begin at curriculum stage k")
     g.add_argument("--init_checkpoint", default=None,
                    help="weights the first run stage starts from (default: the previous stage's best.pth "
@@ -96,6 +106,8 @@ def check_sscd_args(parser, args):
         value = getattr(args, flag)
         if not low <= value <= high:
             parser.error(f"--{flag} {value}: expected " + (f">= {low}" if high == float("inf") else f"{low}..{high}"))
+    if args.patch_size is None:  # the preset's region size follows the image size
+        args.patch_size = args.image_size // PATCH_DIVISORS.get(args.method, DEFAULT_PATCH_DIVISOR)
     if args.patch_size < 1:
         parser.error(f"--patch_size {args.patch_size}: expected a positive region side")
     if args.stage_iterations < 1:
@@ -268,7 +280,7 @@ def pretrain(run, save_dir, iterations, data, volumes):
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
                       validate=run.validator(models["model"], volumes), config=run.config,
                       val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
-                      logger=run.logger, name="pretrain", resumables=resumables)
+                      logger=run.logger, name="pretrain", resumables=resumables, offset=0)
 
 
 def stage_step(run, stage, weights, init_weights, source, data, resumables=None):
@@ -369,15 +381,18 @@ def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data,
     run.logger.info(f"[stage {stage}] HCA weights {weights}, centre disc {'on' if use_disc else 'off'}, "
                     f"init {init_path}, {iterations} iterations")
     config = {**run.config, "stage": stage, "hca_stage_weights": list(weights)}
+    offset = a.pre_iterations + sum(a.stage_iterations[:stage - 1])  # iterations before this stage
     return train_loop(save_dir=save_dir, iterations=iterations, step=step, models=models, optimizers=opts,
                       validate=run.validator(models["model"], volumes), config=config, val_interval=a.val_interval,
                       log_interval=a.log_interval, resume=a.resume, logger=run.logger, name=f"stage_{stage}",
-                      on_validate=images, resumables=resumables)
+                      on_validate=images, resumables=resumables, validate_start=a.validate_stage_start == "on",
+                      offset=offset)
 
 
 def train_sscd(run, stages):
     """Pre-training (unless skipped) then every curriculum stage from ``--start_stage``; copies the
-    last stage's best checkpoint to ``save_dir/best.pth`` and returns its path."""
+    final model (``--final``: the last stage's best checkpoint, or the best of every stage's) to
+    ``save_dir/best.pth`` and returns its path."""
     a = run.args
     if a.method == "labeled_only":
         train_supervised(run, a.total_iterations)
@@ -396,8 +411,19 @@ def train_sscd(run, stages):
         init = stage_dir / "best.pth"
     final = save_dir / "best.pth"
     if run.rank == 0:
+        if a.final == "best_stage":
+            init = best_stage_checkpoint([save_dir / stage_folder(k) / "best.pth" for k in range(1, len(stages) + 1)],
+                                         init)
+        run.logger.info(f"final model (--final {a.final}): {init}")
         save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
     return final
+
+
+def best_stage_checkpoint(paths, default):
+    """The checkpoint with the highest val Dice among the existing ``paths`` (the earliest on ties),
+    or ``default`` when none exists."""
+    scored = [(load_checkpoint(p)["best_dice"], -k, p) for k, p in enumerate(paths) if Path(p).is_file()]
+    return max(scored)[2] if scored else default
 
 
 

@@ -1,0 +1,105 @@
+"""Learning curves and stage selection: validations logged by train_loop (stage starts included),
+read back in total-iteration order, the final model over stages, and the figure."""
+import json
+
+import pytest
+import torch
+
+import train_ACDC_SSCD
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.curves import plot_learning_curves, read_history, stage_boundaries
+from utils.engine import train_loop
+from utils.sscd_train import best_stage_checkpoint
+
+
+class Tiny(torch.nn.Module):
+    num_classes = 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def test_validate_start_keeps_the_start_when_no_step_improves(tmp_path):
+    scores = iter([0.9, 0.5, 0.4])
+    model = Tiny()
+    state = train_loop(save_dir=tmp_path, iterations=4, step=lambda it: {"loss": model.w.sum() * 0 + 1},
+                       models={"model": model}, optimizers={}, validate=lambda: (next(scores), {}), config={},
+                       val_interval=2, log_interval=2, validate_start=True, offset=100, name="stage_2")
+    assert (state["best_dice"], state["best_iteration"]) == (0.9, 0)
+    assert load_checkpoint(tmp_path / "best.pth")["iteration"] == 0
+    records = [json.loads(line) for line in (tmp_path / "validations.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["iteration"], r["total_iteration"], r["dice"]) for r in records] == [
+        ("stage_2", 0, 100, 0.9), ("stage_2", 2, 102, 0.5), ("stage_2", 4, 104, 0.4)]
+
+
+def test_read_history_orders_by_total_iteration_and_keeps_the_later_repeat(tmp_path):
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "pretrain").mkdir()
+    lines = [{"phase": "stage_1", "iteration": 0, "total_iteration": 10, "dice": 0.5},
+             {"phase": "stage_1", "iteration": 5, "total_iteration": 15, "dice": 0.6},
+             {"phase": "stage_1", "iteration": 5, "total_iteration": 15, "dice": 0.7}]  # repeated by a resume
+    (tmp_path / "stage_1" / "validations.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "pretrain" / "validations.jsonl").write_text(
+        json.dumps({"phase": "pretrain", "iteration": 10, "total_iteration": 10, "dice": 0.5}) + "\n\n")
+    history = read_history(tmp_path)
+    assert [(h["phase"], h["total_iteration"], h["dice"]) for h in history] == [
+        ("pretrain", 10, 0.5), ("stage_1", 10, 0.5), ("stage_1", 15, 0.7)]
+    (tmp_path / "pretrain" / "validations.jsonl").write_text('{"phase": "pretrain"}\n')
+    with pytest.raises(ValueError, match=r"pretrain/validations.jsonl:1: not a validation record"):
+        read_history(tmp_path)
+
+
+def test_stage_boundaries_from_the_config():
+    assert stage_boundaries({"method": "sscd", "pre_iterations": 600, "stage_iterations": [120, 120, 121]}) == [600, 720, 840]
+    assert stage_boundaries({"method": "bcp", "pre_iterations": 600, "stage_iterations": [600]}) == [600]
+    assert stage_boundaries({"method": "labeled_only", "pre_iterations": 600, "stage_iterations": [600]}) == []
+    assert stage_boundaries({}) == []
+
+
+def test_best_stage_checkpoint_picks_the_highest_and_the_earliest_on_ties(tmp_path):
+    paths = []
+    for k, dice in enumerate([0.5, 0.7, 0.7, 0.6]):
+        paths.append(tmp_path / f"s{k}.pth")
+        save_checkpoint({"model": {}, "best_dice": dice}, paths[-1])
+    assert best_stage_checkpoint(paths, "default") == paths[1]
+    assert best_stage_checkpoint([tmp_path / "none.pth"], "default") == "default"
+
+
+def test_plot_learning_curves_writes_a_png(tmp_path):
+    runs = [{"method": m, "labelnum": n, "seed": s, "config": {"method": m, "pre_iterations": 4, "stage_iterations": [2, 2]},
+             "history": [{"total_iteration": i, "dice": 0.1 * i + s / 100} for i in range(0, 9, 2)]}
+            for m in ("labeled_only", "sscd") for n in (3, 7) for s in (1, 2)]
+    out = plot_learning_curves(runs, tmp_path / "c.png", order=("labeled_only", "sscd"))
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_learning_curves([{**runs[0], "history": []}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--patch_size", "8", "--device", "cpu",
+        "--num_workers", "0", "--log_interval", "1", "--labelnum", "3", "--pre_iterations", "2",
+        "--hca_weights", "1,0,0,0;0,0,0,1", "--stage_iterations", "2", "--val_interval", "2"]
+
+
+@pytest.mark.parametrize("final", ["best_stage", "last_stage"])
+def test_each_stage_validates_its_start_and_the_final_model_is_selected_over_stages(synthetic_root, tmp_path, final):
+    save = tmp_path / "run"
+    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *TINY, "--final", final])
+    history = read_history(save)
+    assert [(h["phase"], h["iteration"], h["total_iteration"]) for h in history] == [
+        ("pretrain", 2, 2), ("stage_1", 0, 2), ("stage_1", 2, 4), ("stage_2", 0, 4), ("stage_2", 2, 6)]
+    by = {(h["phase"], h["iteration"]): h["dice"] for h in history}
+    pre = load_checkpoint(save / "pretrain" / "best.pth")["best_dice"]
+    s1 = load_checkpoint(save / "stage_1" / "best.pth")["best_dice"]
+    assert by[("stage_1", 0)] == pytest.approx(pre, abs=1e-12)  # a stage starts from the previous best
+    assert by[("stage_2", 0)] == pytest.approx(s1, abs=1e-12)
+    stage_bests = [load_checkpoint(save / f"stage_{k}" / "best.pth")["best_dice"] for k in (1, 2)]
+    assert stage_bests[1] >= stage_bests[0] >= pre  # never below the start: the start is a candidate
+    assert load_checkpoint(save / "best.pth")["best_dice"] == max(stage_bests)
+    off = tmp_path / "off"
+    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(off), *TINY, "--final", final,
+                          "--validate_stage_start", "off"])
+    assert [h["iteration"] for h in read_history(off)] == [2, 2, 2]
+    bests = [load_checkpoint(off / f"stage_{k}" / "best.pth")["best_dice"] for k in (1, 2)]
+    expected = max(bests) if final == "best_stage" else bests[1]
+    assert load_checkpoint(off / "best.pth")["best_dice"] == expected
