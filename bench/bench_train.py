@@ -3,9 +3,9 @@
 Times the real steps of ``utils.sscd_train`` (``pretrain_step``, ``stage_step`` of curriculum stage 1)
 on one device for two input paths, interleaved block by block so that both see the same machine load:
 
-* ``fast``: augmentation batched on the device, --amp bf16, channels_last, torch.compile (on CUDA),
-  the LCC where it is faster (``--lcc auto``) and cudnn autotuning; each can be changed with the
-  flags below;
+* ``fast``: augmentation batched on the device, ``--amp auto`` (bf16 on CUDA and on CPUs with native
+  bf16, fp32 elsewhere: ``utils.speed.auto_amp``), channels_last, torch.compile (on CUDA), the LCC
+  where it is faster (``--lcc auto``) and cudnn autotuning; each can be changed with the flags below;
 * ``plain``: per-sample augmentation in ``--num_workers`` DataLoader workers, fp32, contiguous
   tensors, scipy LCC, eager (the paper repositories' path).
 
@@ -13,7 +13,8 @@ Warm-up iterations (and compilation) are excluded; each rate is that of the fast
 blocks (all block times are in the JSON). Pre-training is timed without and with the SDA
 (on for the last 40 %). The data are a synthetic ACDC-layout set in a temporary folder (40 patients,
 20 validation volumes of 10 slices at 216x256, like ACDC's) unless --root_path is given. The last
-line is one JSON object; see bench/README.md.
+line is one JSON object (it names the CPU: model, torch's capability, native-bf16 flags); see
+bench/README.md. Progress (which block of which path, how long it took) goes to stderr as it happens.
 
     python bench/bench_train.py --device cpu --image_size 128 --batch_size 8 --path both
     python bench/bench_train.py --device cuda --image_size 256 --batch_size 24 --path fast
@@ -21,6 +22,7 @@ line is one JSON object; see bench/README.md.
 import argparse
 import json
 import os
+import platform
 import resource
 import sys
 import tempfile
@@ -35,10 +37,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 from dataloaders.synthetic import make_synthetic_acdc  # noqa: E402
 from utils.config import base_parser, parse_args  # noqa: E402
 from utils.run import Run  # noqa: E402
+from utils.speed import auto_amp, cpu_description  # noqa: E402
 from utils.sscd import parse_hca_schedule  # noqa: E402
 from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step  # noqa: E402
 
 SDA_FRACTION = 0.4  # the SDA is on after 60 % of pre-training
+_START = time.perf_counter()
+
+
+def progress(message):
+    """One progress line on stderr, with the seconds since the benchmark started."""
+    print(f"[bench {time.perf_counter() - _START:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def bench_parser():
@@ -56,7 +65,9 @@ def bench_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed iterations per step and path")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers of the plain path")
-    p.add_argument("--amp", choices=["bf16", "fp16", "off"], default="bf16", help="fast path precision")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="fast path precision; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+                        "else off (emulated bf16 is ~9x slower than fp32)")
     p.add_argument("--channels_last", choices=["on", "off"], default="on", help="fast path memory format")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fast path torch.compile; auto: on CUDA only (on the CPU it measured no faster, after "
@@ -112,7 +123,9 @@ class BenchPath:
         for k in range(n):
             step(first_it + k)
         synchronize(self.run.device)
-        self.times.setdefault(key, []).append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.times.setdefault(key, []).append(seconds)
+        progress(f"{self.name} {key} block {len(self.times[key])}: {n} it in {seconds:.2f} s ({seconds / n:.3f} s/it)")
 
     def rate(self, key, n):
         """Iterations per second of the fastest block (the least disturbed by other processes)."""
@@ -136,8 +149,10 @@ def peak_memory_mb(device):
 def interleave(paths, key, step_of, a, first_it):
     """Warm up every path, then time ``a.repeats`` blocks per path, alternating between paths."""
     for p in paths:
+        t0 = time.perf_counter()
         for k in range(a.warmup):
             step_of(p)(first_it + k)
+        progress(f"{p.name} {key} warm-up: {a.warmup} it in {time.perf_counter() - t0:.2f} s")
     for _ in range(a.repeats):
         for p in paths:
             p.time_block(key, step_of(p), a.iterations, first_it + a.warmup)
@@ -161,9 +176,14 @@ def bench(a, root, folder):
     interleave(paths, "self_train", lambda p: stage_steps[p.name], a, 1)
     results = {}
     for p in paths:
+        t0 = time.perf_counter()
         flops = count_flops(pre_steps[p.name], sda_start + 1), count_flops(stage_steps[p.name], 1)
+        progress(f"{p.name} FLOP count (one pre-training and one self-training step): "
+                 f"{time.perf_counter() - t0:.2f} s")
         p.pre_model.eval()
+        t0 = time.perf_counter()
         p.validate()  # warm-up (uploads the volumes)
+        progress(f"{p.name} validation warm-up ({len(p.volumes)} volumes): {time.perf_counter() - t0:.2f} s")
         for _ in range(a.repeats):
             p.time_block("validation", lambda it: p.validate(), 1, 0)
         results[p.name] = summarize(p, a, min(p.times["validation"]), *flops)
@@ -196,12 +216,17 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     load_before = os.getloadavg()
+    cpu = cpu_description()
+    progress(f"CPU {cpu['cpu_model']} ({cpu['cpu_capability']}, native bf16: {cpu['cpu_bf16'] or 'none'}), "
+             f"{torch.get_num_threads()} threads; fast path --amp {a.amp}"
+             + (f" -> {auto_amp(a.device)}" if a.amp == "auto" else "") + f"; {a.image_size}^2, batch {a.batch_size}")
     with tempfile.TemporaryDirectory(prefix="sscd_bench_") as folder:
         root = a.root_path or make_synthetic_acdc(Path(folder) / "data", n_patients=40, n_val=10, n_test=2,
                                                   slices_per_volume=10, size=(216, 256))
         results, peak_mb = bench(a, root, folder)
     out = {"device": a.device, "device_name": torch.cuda.get_device_name(a.device) if a.device.startswith("cuda")
-           else "cpu", "image_size": a.image_size, "batch_size": a.batch_size, "threads": torch.get_num_threads(),
+           else cpu["cpu_model"], **cpu, "torch": torch.__version__, "platform": platform.platform(),
+           "image_size": a.image_size, "batch_size": a.batch_size, "threads": torch.get_num_threads(),
            "data": "synthetic" if a.root_path is None else str(a.root_path),
            "iterations_per_block": a.iterations, "repeats": a.repeats, "warmup": a.warmup,
            "load_avg_start": [round(x, 2) for x in load_before], "load_avg_end": [round(x, 2) for x in os.getloadavg()],

@@ -3,6 +3,7 @@ channels_last, torch.compile (and its fallback), sync-free training steps, the d
 validation, and that every speed flag has its effect."""
 import functools
 import logging
+import platform
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from utils.config import base_parser, parse_args
 from utils.evaluation import Validator, predict_volume
 from utils.losses import ce_dice_loss
 from utils.metrics import dice_per_class
+from utils import speed
 from utils.run import Forward, Run, resolve_speed_flags
-from utils.sscd import largest_component_per_class, largest_component_per_class_device, pseudo_labels
+from utils.sscd import class_argmax, largest_component_per_class, largest_component_per_class_device, pseudo_labels
 from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 
 
@@ -191,7 +193,64 @@ def make_run(root, tmp_path, *flags):
     return Run(args, "ACDC")
 
 
-def test_auto_speed_flags_per_device():
+def fake_cpu(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(False, False, "off"), (True, False, "bf16"),
+                                                        (False, True, "bf16"), (True, True, "bf16")])
+def test_auto_amp_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    """--amp auto on the CPU: bf16 with AVX512-BF16 or AMX, fp32 (off) on e.g. an AVX2-only CPU,
+    where emulated bf16 measured ~9x slower; CUDA always bf16; an explicit --amp is kept."""
+    fake_cpu(monkeypatch, avx512_bf16, amx)
+    assert speed.auto_amp("cpu") == expected and speed.cpu_has_native_bf16() == (expected == "bf16")
+    assert speed.cpu_bf16_flags() == [f for f, on in (("amx_bf16", amx), ("avx512_bf16", avx512_bf16)) if on]
+    assert speed.auto_amp("cuda") == speed.auto_amp("cuda:1") == "bf16"
+    parser = base_parser("t", "ACDC", num_classes=4, labelnum=3)
+    assert resolve_speed_flags(parse_args(parser, []), "cpu").amp == expected
+    assert resolve_speed_flags(parse_args(parser, ["--amp", "bf16"]), "cpu").amp == "bf16"
+    assert resolve_speed_flags(parse_args(parser, ["--amp", "off"]), "cpu").amp == "off"
+
+
+def test_auto_amp_without_torch_probes_is_fp32(monkeypatch):
+    """A torch without the cpuinfo probes never gets bf16 by default on the CPU."""
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert speed.cpu_bf16_flags() == [] and speed.auto_amp("cpu") == "off"
+
+
+def test_cpu_description_names_the_cpu():
+    info = speed.cpu_description()
+    assert set(info) == {"cpu_model", "cpu_capability", "cpu_bf16", "cpu_count"}
+    assert info["cpu_model"] and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cpu_bf16"] == speed.cpu_bf16_flags() and info["cpu_count"] >= 1
+
+
+def test_host_allocator_tuning_is_idempotent_and_keeps_training_exact():
+    """glibc: applied once (True), again a no-op; the numbers a step computes do not change."""
+    x, y = fixed_batch()
+    model = model_in_train_mode()
+    before = loss_and_grad(Forward(model), model, x, y)
+    applied = speed.tune_host_allocator()
+    assert speed.tune_host_allocator() == applied
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    after = loss_and_grad(Forward(model), model, x, y)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_class_argmax_equals_argmax_with_ties():
+    g = torch.Generator().manual_seed(3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        t = torch.randint(0, 3, (3, 4, 9, 7), generator=g).float().contiguous(memory_format=layout)  # many ties
+        assert torch.equal(class_argmax(t), t.argmax(dim=1))
+    t = torch.randn(2, 4, 16, 16, generator=g)
+    assert torch.equal(class_argmax(t), t.argmax(dim=1)) and class_argmax(t).dtype == torch.long
+
+
+def test_auto_speed_flags_per_device(monkeypatch):
+    fake_cpu(monkeypatch, False, False)  # an AVX2-only CPU
     parser = base_parser("t", "ACDC", num_classes=4, labelnum=3)
     cpu = resolve_speed_flags(parse_args(parser, []), "cpu")
     assert (cpu.amp, cpu.channels_last, cpu.lcc, cpu.compile, cpu.sync_bn) == ("off", "on", "scipy", False, False)

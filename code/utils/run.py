@@ -16,7 +16,7 @@ import torch._inductor.exc
 from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load_volumes
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
-from utils import distributed
+from utils import distributed, speed
 from utils.config import resolve_save_dir, save_config
 from utils.checkpoint import os_cause, remove_stale_temporaries
 from utils.curves import VAL_HISTORY
@@ -40,11 +40,14 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
 
 def resolve_speed_flags(args, device):
     """Replace the ``auto`` values of --amp, --channels_last and --lcc by what ``device`` gets
-    (saved so in config.yaml): bf16 on CUDA and fp32 on the CPU; channels_last everywhere (faster
-    on CUDA and, measured, on the CPU); the device LCC on CUDA, scipy on the CPU (faster there)."""
+    (saved so in config.yaml): bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs
+    (``utils.speed.auto_amp``: emulated bf16 is ~9x slower than fp32); channels_last everywhere
+    (faster on CUDA and, measured, on the CPU); the device LCC on CUDA, scipy on the CPU (faster
+    there). Also keeps freed host memory for reuse (``utils.speed.tune_host_allocator``)."""
     cuda = torch.device(device).type == "cuda"
+    speed.tune_host_allocator()
     if args.amp == "auto":
-        args.amp = "bf16" if cuda else "off"
+        args.amp = speed.auto_amp(device)
     if args.channels_last == "auto":
         args.channels_last = "on"
     if args.lcc == "auto":

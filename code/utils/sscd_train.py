@@ -18,8 +18,8 @@ from utils.engine import GeneratorState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
 from utils.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
-                        cgsr, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness, region_means,
-                        sda_mask, split_iterations)
+                        cgsr, class_argmax, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness,
+                        region_means, sda_mask, split_iterations)
 
 
 # What each --method sets (only flag defaults: anything given explicitly wins). BCP and ABD
@@ -326,7 +326,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
             losses[f"mix{k + 1}"] = _weighted(outs[k], lambda o, t=targets: _mix_terms(o, t, box, c, a.mix_dice),
                                                 a.ds_weight)
             probs.append(torch.softmax(outs[k][-1], 1))
-        argmax = [p.detach().argmax(1) for p in probs]
+        argmax = [class_argmax(p.detach()) for p in probs]
         if len(students) == 2:
             losses["cps1"], losses["cps2"] = dice_loss(probs[0], argmax[1], c), dice_loss(probs[1], argmax[0], c)
         if a.displacement != "none":
@@ -340,7 +340,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
                     direction=direction, paste=paste)
             x_swap = torch.cat([x_s2w, x_w2s])
             q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
-            z1, z2 = q1.detach().argmax(1), q2.detach().argmax(1)
+            z1, z2 = class_argmax(q1.detach()), class_argmax(q2.detach())
             losses["cgsr1"], losses["cgsr2"] = dice_loss(q1, z2, c), dice_loss(q2, z1, c)
             if use_disc:
                 losses["disc1"], losses["disc2"] = center_disc_dice(q1, z2, c), center_disc_dice(q2, z1, c)
