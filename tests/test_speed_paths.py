@@ -194,6 +194,8 @@ def make_run(root, tmp_path, *flags):
 
 
 def fake_cpu(monkeypatch, avx512_bf16, amx):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
@@ -213,6 +215,16 @@ def test_auto_amp_is_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, avx512
     assert resolve_speed_flags(parse_args(parser, ["--amp", "off"]), "cpu").amp == "off"
 
 
+@pytest.mark.parametrize("cap, bf16", [("AVX2", False), ("avx512_core", False), ("AVX2_VNNI", False),
+                                        ("AVX512_CORE_BF16", True), ("AVX512_CORE_AMX", True), ("ALL", True)])
+def test_auto_amp_follows_the_onednn_isa_cap(monkeypatch, cap, bf16):
+    """A CPU with AVX512-BF16 whose oneDNN is capped below bf16 computes bf16 like an AVX2 CPU."""
+    fake_cpu(monkeypatch, True, False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA" if cap == "ALL" else "ONEDNN_MAX_CPU_ISA", cap)
+    assert speed.auto_amp("cpu") == ("bf16" if bf16 else "off")
+    assert speed.cpu_description()["onednn_isa_cap"] == cap.upper()
+
+
 def test_auto_amp_without_torch_probes_is_fp32(monkeypatch):
     """A torch without the cpuinfo probes never gets bf16 by default on the CPU."""
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
@@ -222,7 +234,7 @@ def test_auto_amp_without_torch_probes_is_fp32(monkeypatch):
 
 def test_cpu_description_names_the_cpu():
     info = speed.cpu_description()
-    assert set(info) == {"cpu_model", "cpu_capability", "cpu_bf16", "cpu_count"}
+    assert set(info) == {"cpu_model", "cpu_capability", "cpu_bf16", "onednn_isa_cap", "cpu_count"}
     assert info["cpu_model"] and info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cpu_bf16"] == speed.cpu_bf16_flags() and info["cpu_count"] >= 1
 

@@ -7,6 +7,7 @@ emulates every convolution and measured about 9x slower than fp32 (bench/README.
 """
 import ctypes
 import ctypes.util
+import os
 import platform
 from pathlib import Path
 
@@ -17,9 +18,26 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 _allocator = {"tuned": None}
 
 
+# oneDNN's instruction-set cap (``ONEDNN_MAX_CPU_ISA``) values under which its kernels use native bf16
+_ONEDNN_BF16_ISAS = ("BF16", "AMX", "FP16", "AVX10", "ALL", "DEFAULT")
+
+
+def onednn_isa_cap():
+    """The instruction-set cap set for oneDNN (``ONEDNN_MAX_CPU_ISA`` or ``DNNL_MAX_CPU_ISA``,
+    upper case), or None when uncapped."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value else None
+
+
 def cpu_bf16_flags():
     """The native-bf16 features of this CPU among ``avx512_bf16`` and ``amx_bf16`` (a sorted list;
-    empty when the CPU has neither). Read through torch's cpuinfo probes."""
+    empty when the CPU has neither), read through torch's cpuinfo probes (AMX tiles come with
+    AMX-BF16 on every CPU that has them). Empty as well when oneDNN, which runs the convolutions,
+    is capped below bf16 (e.g. ``ONEDNN_MAX_CPU_ISA=AVX2``: it then emulates bf16 as on an
+    AVX2-only CPU, measured 10x slower than fp32)."""
+    cap = onednn_isa_cap()
+    if cap is not None and not any(isa in cap for isa in _ONEDNN_BF16_ISAS):
+        return []
     probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
     return sorted(name for name, probe in probes.items() if getattr(torch.cpu, probe, lambda: False)())
 
@@ -50,10 +68,9 @@ def cpu_model():
 
 def cpu_description():
     """A dict naming the CPU a measurement ran on: model, torch's capability (``AVX2``,
-    ``AVX512``, ...), its native-bf16 flags and the logical core count."""
-    import os
+    ``AVX512``, ...), its native-bf16 flags, oneDNN's instruction-set cap and the logical core count."""
     return {"cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "cpu_bf16": cpu_bf16_flags(), "cpu_count": os.cpu_count()}
+            "cpu_bf16": cpu_bf16_flags(), "onednn_isa_cap": onednn_isa_cap(), "cpu_count": os.cpu_count()}
 
 
 def tune_host_allocator():
