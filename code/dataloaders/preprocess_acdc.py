@@ -32,7 +32,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
 
 VALID_LABELS = (0, 1, 2, 3)
@@ -108,6 +107,7 @@ def patient_frames(patient_dir):
 def read_pair(image_path, label_path):
     """Read one frame: (normalised float32 image (D, H, W), uint8 label (D, H, W),
     spacing (sz, sy, sx) from the image header); validates shapes and label values."""
+    import SimpleITK as sitk  # here, not at import: training imports this module without reading NIfTI
     image_itk = sitk.ReadImage(str(image_path))
     image = sitk.GetArrayFromImage(image_itk)
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
