@@ -44,8 +44,9 @@ def base_parser(description, dataset, num_classes, labelnum):
                    help="1: cudnn deterministic, no benchmark")
     g = p.add_argument_group("speed and scale (bench/README.md)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision of the network forwards (losses in float32); auto: bf16 on CUDA, "
-                        "off on the CPU; fp16 adds a gradient scaler")
+                   help="mixed precision of the network forwards (losses in float32); auto: bf16 on CUDA and on "
+                        "CPUs with native bf16 (AVX512-BF16, AMX), off (fp32) on other CPUs, where bf16 is emulated "
+                        "and ~10x slower; fp16 adds a gradient scaler")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto",
                    help="NHWC memory format for the networks and their inputs; auto: on (faster on CUDA "
                         "and, measured, on the CPU)")
