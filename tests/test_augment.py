@@ -90,7 +90,7 @@ def test_strong_view_shares_geometry_and_cuts_label():
     images, labels = labelled_pattern(n, size, seed=5)
     out = augment(images, labels, gen(11), strong=True)
     weak = augment(images, labels, gen(11), strong=False)
-    assert set(out) == {"image", "label", "image_strong", "label_strong"}
+    assert set(out) == {"image", "label", "image_strong", "label_strong", "cutout"}
     # the weak view does not depend on whether the strong one is drawn
     assert torch.equal(out["image"], weak["image"]) and torch.equal(out["label"], weak["label"])
     assert torch.equal(out["image"][:, 0] * C, out["label"].float())
@@ -98,6 +98,7 @@ def test_strong_view_shares_geometry_and_cuts_label():
     box = cutout_boxes(sample_params(n, gen(11)), size, size)
     assert 10 < int(box.flatten(1).any(1).sum()) < n - 10
     assert torch.equal(out["label_strong"], torch.where(box, torch.zeros_like(out["label"]), out["label"]))
+    assert torch.equal(out["cutout"], box.float())  # where the strong image holds the noise
     assert out["label_strong"].dtype == out["label"].dtype
     strong = out["image_strong"]
     assert strong.shape == images.shape and strong.min() >= 0 and strong.max() <= 1

@@ -171,7 +171,7 @@ def _first_batches(data, aug_device, strong, n=2):
 def test_batch_stream_paths_agree(train_data, strong):
     device_batches = _first_batches(train_data, "device", strong)
     loader_batches = _first_batches(train_data, "loader", strong)
-    keys = {"image", "label"} | ({"image_strong", "label_strong"} if strong else set())
+    keys = {"image", "label"} | ({"image_strong", "label_strong", "cutout"} if strong else set())
     for d, l in zip(device_batches, loader_batches):
         assert set(d) == set(l) == keys
         for k in keys:

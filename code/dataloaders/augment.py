@@ -124,7 +124,8 @@ def augment(images, labels, generator=None, strong=True):
 
     images (B,1,S,S) float in [0,1], labels (B,S,S) integer. Returns a dict with ``image``,
     ``label`` (weak: geometry only) and, if ``strong``, ``image_strong``, ``label_strong``
-    (same geometry, then cutout on image and label, then intensity jitter).
+    (same geometry, then cutout on image and label, then intensity jitter) and ``cutout`` (B,S,S)
+    float, 1 where the strong image holds cutout noise.
     """
     params = sample_params(images.shape[0], generator, images.device)
     image, label = apply_geometry(images, labels, params)
@@ -135,4 +136,5 @@ def augment(images, labels, generator=None, strong=True):
         cut_image = torch.where(box[:, None], noise, image)
         out["image_strong"] = jitter(cut_image, params)
         out["label_strong"] = torch.where(box, torch.zeros_like(label), label)
+        out["cutout"] = box.to(image.dtype)
     return out

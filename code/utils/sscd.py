@@ -26,7 +26,7 @@ __all__ = [
     "disc_mask", "cgsr",
     "class_argmax", "LCC_IMPLS", "largest_component_per_class", "largest_component_per_class_device", "pseudo_labels",
     "center_disc_mask", "center_disc_dice",
-    "parse_hca_schedule", "split_iterations",
+    "cross_weight", "parse_hca_schedule", "split_iterations",
 ]
 
 #: Reference HCA weight schedule (five stages) over the heads [1/2, 1/4, 1/8, full resolution].
@@ -532,9 +532,10 @@ def center_disc_mask(height, width, radius, device=None):
     return ((ys[:, None] ** 2 + xs[None, :] ** 2) <= float(radius) ** 2).to(torch.float32)
 
 
-def center_disc_dice(probs, target, num_classes, radius=None):
+def center_disc_dice(probs, target, num_classes, radius=None, mask=None):
     """Dice loss (losses.dice_loss) restricted to the centred disc of ``radius``
-    (default min(H, W) / 4, i.e. 64 at 256^2 as the reference).
+    (default min(H, W) / 4, i.e. 64 at 256^2 as the reference), pixels further weighted by
+    ``mask`` (B, H, W) when given.
 
     probs (B, C, H, W), target (B, H, W). This is the correct masked form: pixels outside the
     disc do not count. The reference (§1.3 step 9) cropped [64, 192)^2 and multiplied both
@@ -546,8 +547,8 @@ def center_disc_dice(probs, target, num_classes, radius=None):
     b, _, h, w = probs.shape
     if radius is None:
         radius = min(h, w) / 4
-    disc = center_disc_mask(h, w, radius, device=probs.device).to(probs.dtype)
-    return dice_loss(probs, target, num_classes, mask=disc.expand(b, h, w))
+    disc = center_disc_mask(h, w, radius, device=probs.device).to(probs.dtype).expand(b, h, w)
+    return dice_loss(probs, target, num_classes, mask=disc if mask is None else disc * mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,6 +580,18 @@ def parse_hca_schedule(text):
             raise ValueError(f"HCA schedule stage {k} ({part.strip()!r}) has all-zero weights")
         stages.append(values)
     return stages
+
+
+def cross_weight(iteration, rampup):
+    """Weight of the cross-supervision terms at stage iteration ``iteration`` (1-based): the
+    sigmoid ramp-up ``exp(-5 (1 - t)^2)``, ``t = min(iteration, rampup) / rampup``, of the mean-teacher
+    and SSL4MIS code (0.0067 at the start, 1 from ``rampup`` on); 1 throughout when ``rampup`` is 0."""
+    if rampup < 0:
+        raise ValueError(f"rampup must be >= 0, got {rampup}")
+    if rampup == 0:
+        return 1.0
+    t = min(max(iteration, 0), rampup) / rampup
+    return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def split_iterations(total, n_stages):

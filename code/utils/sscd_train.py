@@ -5,7 +5,7 @@ their HCA weight vector, whether the centre-disc loss is on, and the checkpoint 
 from (the previous stage's best on val.list). The method pieces are the pure functions of
 ``utils.sscd`` and ``utils.losses``; this module wires them into training steps.
 """
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from utils.engine import GeneratorState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
 from utils.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
-                        cgsr, class_argmax, hca_maps, mix, parse_hca_schedule, pseudo_labels, region_hardness,
-                        region_means, sda_mask, split_iterations)
+                        cgsr, class_argmax, cross_weight, hca_maps, mix, parse_hca_schedule, pseudo_labels,
+                        region_hardness, region_means, sda_mask, split_iterations)
 
 
 # What each --method sets (only flag defaults: anything given explicitly wins). BCP and ABD
@@ -38,7 +38,8 @@ PATCH_DIVISORS = {"abd": 4}
 DEFAULT_PATCH_DIVISOR = 8
 # (flag, lowest, highest) of the SSCD weights and probabilities
 BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
-                 ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")))
+                 ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")),
+                 ("cross_rampup", 0, float("inf")))
 # --displacement -> (cgsr direction, paste shape)
 DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "square")}
 
@@ -79,6 +80,18 @@ def add_sscd_args(p):
     g.add_argument("--teacher", choices=["ema", "frozen"], default="ema",
                    help="pseudo-label teacher: EMA of student 1, or frozen at the stage's start (reference)")
     g.add_argument("--ema_decay", type=float, default=0.99)
+    g.add_argument("--cross_cutout", choices=["include", "exclude"], default="include",
+                   help="exclude: pixels of cutout noise in the strong view give no cross-supervision target "
+                        "(student 2's CPS target for student 1, CGSR and centre-disc targets); include: the reference")
+    g.add_argument("--cross_bn", choices=["update", "frozen"], default="update",
+                   help="frozen: the CGSR forwards (half strong-view content) leave the students' BatchNorm running "
+                        "statistics unchanged, as the SDA's; update: the reference")
+    g.add_argument("--teacher_mode", choices=["eval", "train"], default="eval",
+                   help="mode of the teacher's pseudo-label forward: eval (running statistics, no dropout) or train "
+                        "(batch statistics and dropout, the reference; its running statistics stay untouched)")
+    g.add_argument("--cross_rampup", type=int, default=0,
+                   help="sigmoid ramp-up of the cross terms (CPS, CGSR, centre disc) over the first N iterations of "
+                        "each stage (0: full weight from the first iteration, the reference)")
     g.add_argument("--center_disc_stages", type=int, default=3,
                    help="use the centre-disc loss in the first N stages (0 disables)")
     g.add_argument("--validate_stage_start", choices=["on", "off"], default="on",
@@ -121,6 +134,11 @@ def check_sscd_args(parser, args):
     if args.init_checkpoint is not None and not Path(args.init_checkpoint).is_file():
         parser.error(f"--init_checkpoint {args.init_checkpoint}: file not found")
     unlabeled = args.batch_size - args.labeled_bs
+    crossed = {"--cross_cutout exclude": args.cross_cutout == "exclude", "--cross_rampup": args.cross_rampup > 0}
+    for flag in [f for f, on in crossed.items() if on and args.students == 1]:
+        parser.error(f"{flag} acts on the cross terms between two students: it needs --students 2")
+    if args.cross_bn == "frozen" and args.displacement == "none":
+        parser.error("--cross_bn frozen acts on the CGSR forwards: it needs --displacement cgsr or abd")
     if args.students == 1 and args.displacement != "none":
         parser.error(f"--displacement {args.displacement} needs --students 2 (it swaps regions between the views)")
     if args.method == "labeled_only":
@@ -177,6 +195,9 @@ def _split_labeled(batch, half, views):
         out["img" + view] = (img[:half], img[half:n])
         out["uimg" + view] = (img[n:n + half], img[n + half:])
         out["lab" + view] = (lab[:half], lab[half:n])
+    if "cutout" in batch:  # where the strong view holds cutout noise (labeled halves, unlabeled halves)
+        cut = batch["cutout"]
+        out["cut"], out["ucut"] = (cut[:half], cut[half:n]), (cut[n:n + half], cut[n + half:])
     return out
 
 
@@ -206,22 +227,25 @@ def _weighted(outputs, loss_fn, ds_weight):
 
 
 @contextmanager
-def frozen_bn_statistics(model):
-    """BatchNorm layers normalise with batch statistics but leave their running statistics unchanged.
+def frozen_bn_statistics(*models):
+    """BatchNorm layers of ``models`` normalise with batch statistics (in train mode) but leave
+    their running statistics unchanged.
 
     The SDA forward sees images that are ~80 % zeros; in the reference it updated the running
     statistics too, which then no longer match real images at evaluation (val Dice collapsed as soon
     as the SDA switched on in our CPU runs).
     """
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in layers]
+    layers = [m for model in models for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in layers]
     for m in layers:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(layers, saved):
+        for m, (momentum, tracked) in zip(layers, saved):
             m.momentum = momentum
+            if tracked is not None:  # the batch counter too: every buffer as before
+                m.num_batches_tracked.copy_(tracked)
 
 
 def pretrain_step(run, data, resumables=None):
@@ -307,13 +331,14 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     opts = {name: run.optimizer(models[name]) for name in names if name != "teacher"}
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
+    exclude_cutout = a.cross_cutout == "exclude" and len(students) == 2
     stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
     gen = run.generator(a.seed + 1000 * stage)
     if resumables is not None:
         resumables.update(stream=stream, generator=GeneratorState(gen))
     vis = {}
 
-    def losses_of(b, plab, box):
+    def losses_of(b, plab, box, w_cross):
         losses, x, outs, probs = {}, [], [], []
         for k, (view, forward) in enumerate(zip(views, forwards)):
             (img_a, img_b), (uimg_a, uimg_b) = b["img" + view], b["uimg" + view]
@@ -327,35 +352,50 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
                                                 a.ds_weight)
             probs.append(torch.softmax(outs[k][-1], 1))
         argmax = [class_argmax(p.detach()) for p in probs]
-        if len(students) == 2:
-            losses["cps1"], losses["cps2"] = dice_loss(probs[0], argmax[1], c), dice_loss(probs[1], argmax[0], c)
+        # cutout noise of the strong mixed images (pixel-aligned with the weak ones); None: not excluded
+        noise = (torch.cat([mix(b["ucut"][0], b["cut"][0], box), mix(b["cut"][1], b["ucut"][1], box)])
+                 if exclude_cutout else None)
+        keep = None if noise is None else 1.0 - noise
+        if len(students) == 2:  # student 1's target is student 2's argmax, computed on the strong view
+            losses["cps1"] = w_cross * dice_loss(probs[0], argmax[1], c, mask=keep)
+            losses["cps2"] = w_cross * dice_loss(probs[1], argmax[0], c)
         if a.displacement != "none":
             direction, paste = DISPLACEMENTS[a.displacement]
             with torch.no_grad():  # HCA confidence -> Decouple -> CGSR on the mixed images
                 (conf_w, cls_w), (conf_s, cls_s) = [hca_maps([h.detach() for h in o], weights, a.hca_combine)
                                                     for o in outs]
+                # the noise map travels with the images as a second channel through the same replacement
+                x_w, x_s = (x[0], x[1]) if noise is None else (torch.cat([x[0], torch.zeros_like(x[0])], 1),
+                                                              torch.cat([x[1], noise[:, None]], 1))
                 x_s2w, x_w2s, info = cgsr(
-                    x[0], x[1], region_hardness(conf_w, patch, a.rank_by), region_hardness(conf_s, patch, a.rank_by),
+                    x_w, x_s, region_hardness(conf_w, patch, a.rank_by), region_hardness(conf_s, patch, a.rank_by),
                     region_means(cls_w, patch), region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen,
                     direction=direction, paste=paste)
             x_swap = torch.cat([x_s2w, x_w2s])
-            q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
+            keep_swap = None if noise is None else (x_swap[:, 1] == 0).to(x_swap.dtype)
+            x_swap = x_swap[:, :1]
+            with frozen_bn_statistics(*students) if a.cross_bn == "frozen" else nullcontext():
+                q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
             z1, z2 = class_argmax(q1.detach()), class_argmax(q2.detach())
-            losses["cgsr1"], losses["cgsr2"] = dice_loss(q1, z2, c), dice_loss(q2, z1, c)
+            losses["cgsr1"] = w_cross * dice_loss(q1, z2, c, mask=keep_swap)
+            losses["cgsr2"] = w_cross * dice_loss(q2, z1, c, mask=keep_swap)
             if use_disc:
-                losses["disc1"], losses["disc2"] = center_disc_dice(q1, z2, c), center_disc_dice(q2, z1, c)
+                losses["disc1"] = w_cross * center_disc_dice(q1, z2, c, mask=keep_swap)
+                losses["disc2"] = w_cross * center_disc_dice(q2, z1, c, mask=keep_swap)
+            x_s2w, x_w2s = x_s2w[:, :1], x_w2s[:, :1]
             vis.update(confidence=conf_w[:1], cgsr_weak=x_s2w[:1], cgsr_strong=x_w2s[:1])
         vis.update(image=x[0][:1], pred=argmax[0][:1], pseudo=plab[0][:1])
         return losses
 
     def step(it):
         b = _split_labeled(next(stream), half, views)
-        teacher.eval()
-        with torch.no_grad():
+        teacher.train(a.teacher_mode == "train")
+        with torch.no_grad(), frozen_bn_statistics(teacher):  # train mode: batch statistics, buffers kept
             u_all = torch.cat([img for v in views for img in b["uimg" + v]])
             plab = pseudo_labels(teacher_forward(u_all), c, lcc_impl=a.lcc).split(half)
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
-        losses = parallel(lambda: losses_of(b, plab, box))
+        w_cross = cross_weight(it, a.cross_rampup)
+        losses = parallel(lambda: losses_of(b, plab, box, w_cross))
         loss = sum(losses.values())
         run.update(loss, opts.values(), students)
         if a.teacher == "ema":
