@@ -1,0 +1,101 @@
+"""Stage-1 ablation of the cross-term fixes: one curriculum stage from one pre-trained checkpoint,
+per variant and seed, on val.list.
+
+Each variant is the default SSCD stage plus some flags (``VARIANTS``); every run trains stage 1
+(HCA weights 1,0,0,0) for ``--stage_iterations`` from ``--init_checkpoint``, validating at the start
+and every ``--val_interval``. Runs are resumable (``--resume``; a finished one is read back) and go
+``--jobs`` at a time with one thread each. The table gives, per variant, mean ± std over seeds of the
+val Dice at the start, after each validation, their mean after the start, and the best; the last
+line is one JSON object.
+
+    python bench/ablate_stage.py --root_path ../shared/data/ACDC --init_checkpoint PRE/pretrain/best.pth \\
+        --out /tmp/ablation --seeds 1337 2
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "code"))
+from utils.curves import read_history  # noqa: E402
+
+VARIANTS = {
+    "default": [],
+    "cross_cutout exclude": ["--cross_cutout", "exclude"],
+    "cross_bn frozen": ["--cross_bn", "frozen"],
+    "teacher_mode train": ["--teacher_mode", "train"],
+    "cross_rampup 60": ["--cross_rampup", "60"],
+    "all three fixes": ["--cross_cutout", "exclude", "--cross_bn", "frozen", "--cross_rampup", "60"],
+}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--root_path", required=True)
+    p.add_argument("--init_checkpoint", required=True, help="the pre-trained model every run starts from")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[1337, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), help=f"any of {list(VARIANTS)}")
+    p.add_argument("--labelnum", type=int, default=7)
+    p.add_argument("--image_size", type=int, default=128)
+    p.add_argument("--stage_iterations", type=int, default=120)
+    p.add_argument("--val_interval", type=int, default=40)
+    p.add_argument("--base_lr", type=float, default=0.025)
+    p.add_argument("--jobs", type=int, default=2)
+    args, extra = p.parse_known_args(argv)
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants {unknown}: expected any of {list(VARIANTS)}")
+    out = Path(args.out)
+    runs = [(v, s, out / f"{v.replace(' ', '_')}_s{s}") for v in args.variants for s in args.seeds]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def train(run):
+        variant, seed, folder = run
+        command = [sys.executable, str(REPO / "code" / "train_ACDC_SSCD.py"), "--root_path", args.root_path,
+                   "--labelnum", str(args.labelnum), "--image_size", str(args.image_size), "--batch_size", "8",
+                   "--labeled_bs", "4", "--start_stage", "1", "--init_checkpoint", args.init_checkpoint,
+                   "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
+                   "--val_interval", str(args.val_interval), "--log_interval", "40", "--base_lr", str(args.base_lr),
+                   "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder), "--resume",
+                   *VARIANTS[variant], *extra]
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "ablation.log", "a") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"{variant} seed {seed}: exit {code}", flush=True)
+        return code
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        codes = list(pool.map(train, runs))
+    table = {}
+    for (variant, seed, folder), code in zip(runs, codes):
+        history = [h for h in read_history(folder) if h["phase"] == "stage_1"]
+        if code or not history:
+            print(f"{variant} seed {seed}: failed (see {folder / 'ablation.log'})", file=sys.stderr)
+            continue
+        table.setdefault(variant, []).append([h["dice"] for h in history])
+    steps = list(range(0, args.stage_iterations + 1, args.val_interval))
+    head = f"{'variant':<22}" + "".join(f"{'it ' + str(i):>15}" for i in steps) + f"{'mean after 0':>15}{'best':>15}"
+    print(head)
+    summary = {}
+    for variant, curves in table.items():
+        arr = np.asarray(curves)  # seeds x validations
+        cols = [arr[:, k] for k in range(arr.shape[1])] + [arr[:, 1:].mean(1), arr.max(1)]
+        cells = [f"{c.mean():.3f} ± {c.std(ddof=1) if len(c) > 1 else float('nan'):.3f}" for c in cols]
+        print(f"{variant:<22}" + "".join(f"{c:>15}" for c in cells))
+        summary[variant] = {"curves": arr.round(4).tolist(), "mean_after_start": round(float(cols[-2].mean()), 4),
+                            "best": round(float(cols[-1].mean()), 4)}
+    print(json.dumps({"seeds": args.seeds, "stage_iterations": args.stage_iterations, "base_lr": args.base_lr,
+                      "variants": summary}))
+    return 1 if any(codes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
