@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import train_ACDC_SSCD
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -103,3 +104,26 @@ def test_each_stage_validates_its_start_and_the_final_model_is_selected_over_sta
     bests = [load_checkpoint(off / f"stage_{k}" / "best.pth")["best_dice"] for k in (1, 2)]
     expected = max(bests) if final == "best_stage" else bests[1]
     assert load_checkpoint(off / "best.pth")["best_dice"] == expected
+
+
+def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("ablate_stage", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "ablate_stage.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    pre = tmp_path / "pre"
+    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(pre), *TINY])
+    status = ablate.main(["--root_path", str(synthetic_root), "--init_checkpoint", str(pre / "pretrain" / "best.pth"),
+                          "--out", str(tmp_path / "abl"), "--seeds", "1", "--variants", "default", "cross_rampup 60",
+                          "--labelnum", "3", "--image_size", "32", "--stage_iterations", "2", "--val_interval", "1",
+                          "--amp", "off"])
+    assert status == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    start = load_checkpoint(pre / "pretrain" / "best.pth")["best_dice"]
+    for variant in ("default", "cross_rampup 60"):
+        curve = result["variants"][variant]["curves"][0]
+        assert len(curve) == 3 and curve[0] == pytest.approx(start, abs=1e-4)  # both start from the checkpoint
+    config = yaml.safe_load((tmp_path / "abl" / "cross_rampup_60_s1" / "config.yaml").read_text())
+    assert config["cross_rampup"] == 60 and config["start_stage"] == 1
