@@ -13,8 +13,6 @@ line is one JSON object.
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +21,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
+sys.path.insert(0, str(REPO / "scripts"))
+import run_table  # noqa: E402
 from utils.curves import read_history  # noqa: E402
 
 VARIANTS = {
@@ -55,7 +55,7 @@ def main(argv=None):
         p.error(f"--variants {unknown}: expected any of {list(VARIANTS)}")
     out = Path(args.out)
     runs = [(v, s, out / f"{v.replace(' ', '_')}_s{s}") for v in args.variants for s in args.seeds]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = run_table.one_thread_env()
 
     def train(run):
         variant, seed, folder = run
@@ -67,8 +67,7 @@ def main(argv=None):
                    "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder), "--resume",
                    *VARIANTS[variant], *extra]
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "ablation.log", "a") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = run_table.execute(command, folder / "ablation.log", env)
         print(f"{variant} seed {seed}: exit {code}", flush=True)
         return code
 

@@ -172,11 +172,10 @@ def execute(command, log_path, env=None):
         return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def one_thread(runner):
-    """``runner`` with OMP_NUM_THREADS=1 in the subprocess environment (unless set): runs that share
-    the cores must not each spin up a thread per core."""
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return lambda command, log: runner(command, log, env=env) if runner is execute else runner(command, log)
+def one_thread_env():
+    """The subprocess environment of runs that share the cores: OMP_NUM_THREADS=1 unless it is set
+    (each run must not spin up a thread per core)."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
 def _tail(path, n=25):
@@ -186,7 +185,7 @@ def _tail(path, n=25):
         return "(no log)"
 
 
-def run_one(run, args, runner):
+def run_one(run, args, runner, env=None):
     """Train (unless already trained) and evaluate one run; None on success, else the failure dict."""
     run_dir = run["dir"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +201,7 @@ def run_one(run, args, runner):
         log = run_dir / f"run_table_{step}.log"
         t0 = time.time()
         print(f"[{run['name']}] {step}: {shlex.join(command)}", flush=True)
-        code = runner(command, log)
+        code = runner(command, log, env)
         ok = code == 0 and (step != "train" or (run_dir / "best.pth").is_file()) \
             and (step != "test" or run["summary"].is_file())
         if not ok:
@@ -255,7 +254,8 @@ def main(argv=None, runner=execute):
             todo.append(run)
     if args.jobs > 1:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(lambda run: run_one(run, args, one_thread(runner)), todo))
+            env = one_thread_env()
+            results = list(pool.map(lambda run: run_one(run, args, runner, env), todo))
     else:
         results = [run_one(run, args, runner) for run in todo]
     failures = [f for f in results if f]

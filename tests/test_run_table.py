@@ -89,7 +89,7 @@ class FakeRunner:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
-    def __call__(self, command, log_path):
+    def __call__(self, command, log_path, env=None):
         self.calls.append(command)
         step = "train" if "code/train_ACDC_SSCD.py" in command else "test"
         if step == "train":
@@ -171,7 +171,7 @@ def test_failures_reported_and_resume(tmp_path, capsys):
 
 
 def test_success_without_best_pth_is_a_failure(tmp_path):
-    def silent(command, log_path):
+    def silent(command, log_path, env=None):
         return 0  # exits 0 but writes nothing
     out = tmp_path / "t"
     assert run_table.main(["--methods", "sscd", "--labelnums", "1", "--seeds", "1", "--out", str(out)],

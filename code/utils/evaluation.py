@@ -31,14 +31,19 @@ def predict_volume(model, image, image_size, device, batch_size=64):
     return pred.cpu().numpy()
 
 
-def scored_classes(volumes, num_classes):
-    """The foreground classes (1..C-1) present in the ground truth of at least one of ``volumes``:
-    the classes the selection Dice averages. A class absent from every volume would score 1 for
-    a model that never predicts it and so raise the mean; ValueError if no class is present."""
+def present_classes(volumes, num_classes):
+    """The foreground classes (1..C-1) that occur in the ground truth of at least one of ``volumes``."""
     present = np.zeros(num_classes, dtype=bool)
     for v in volumes:
         present[np.unique(v["label"])] = True
-    scored = [k for k in range(1, num_classes) if present[k]]
+    return [k for k in range(1, num_classes) if present[k]]
+
+
+def scored_classes(volumes, num_classes):
+    """The classes the selection Dice averages: ``present_classes``. A class absent from every
+    volume would score 1 for a model that never predicts it and so raise the mean; ValueError if
+    no class is present."""
+    scored = present_classes(volumes, num_classes)
     if not scored:
         cases = ", ".join(v["case"] for v in volumes[:3])
         raise ValueError(f"validation volumes ({cases}, ...): no foreground class 1..{num_classes - 1} occurs in "

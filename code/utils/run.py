@@ -100,7 +100,6 @@ class Forward:
             return _float(self.model(x, heads=heads))
 
 
-# what the supervised trainer writes in --save_dir
 # written by a run from its start; they do not by themselves make a folder "hold a run" (no checkpoint)
 RUN_RECORDS = ("config.yaml", "log.txt")
 # what the supervised trainer writes in --save_dir

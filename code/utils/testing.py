@@ -18,7 +18,7 @@ from scipy import ndimage
 from dataloaders.dataset import load_volumes
 from networks.unet import build_model
 from utils.checkpoint import load_checkpoint, load_model_state
-from utils.evaluation import evaluate_predictions, predict_volume
+from utils.evaluation import evaluate_predictions, predict_volume, present_classes
 from utils.geometry import load_volume_meta, write_label_image
 from utils.metrics import METRIC_NAMES, summarize
 
@@ -99,7 +99,7 @@ def run_test(args, class_names, describe_data=None):
     _check_split_not_empty(root, args.split)
     out.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(root, args.split, num_classes)
-    present = {int(k) for v in volumes for k in np.unique(v["label"])}
+    present = present_classes(volumes, num_classes)
     absent = [name for k, name in enumerate(class_names, start=1) if k not in present]
     if absent:
         print(f"WARNING: {', '.join(absent)} occur(s) in no {args.split} volume: such a class scores Dice 1 "
