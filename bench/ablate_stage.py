@@ -1,7 +1,8 @@
 """Stage-1 ablation of the cross-term fixes: one curriculum stage from one pre-trained checkpoint,
 per variant and seed, on val.list.
 
-Each variant is the default SSCD stage plus some flags (``VARIANTS``); every run trains stage 1
+Each variant is the published SSCD stage (no cross-term ramp-up) plus some flags (``VARIANTS``; this
+code's default is ``cross_rampup 0.5``); every run trains stage 1
 (HCA weights 1,0,0,0) for ``--stage_iterations`` from ``--init_checkpoint``, validating at the start
 and every ``--val_interval``. Runs are resumable (``--resume``; a finished one is read back) and go
 ``--jobs`` at a time with one thread each. The table gives, per variant, mean ± std over seeds of the
@@ -26,12 +27,12 @@ import run_table  # noqa: E402
 from utils.curves import read_history  # noqa: E402
 
 VARIANTS = {
-    "default": [],
-    "cross_cutout exclude": ["--cross_cutout", "exclude"],
-    "cross_bn frozen": ["--cross_bn", "frozen"],
-    "teacher_mode train": ["--teacher_mode", "train"],
-    "cross_rampup 60": ["--cross_rampup", "60"],
-    "all three fixes": ["--cross_cutout", "exclude", "--cross_bn", "frozen", "--cross_rampup", "60"],
+    "published": ["--cross_rampup", "0"],
+    "cross_cutout exclude": ["--cross_rampup", "0", "--cross_cutout", "exclude"],
+    "cross_bn frozen": ["--cross_rampup", "0", "--cross_bn", "frozen"],
+    "teacher_mode train": ["--cross_rampup", "0", "--teacher_mode", "train"],
+    "cross_rampup 0.5": ["--cross_rampup", "0.5"],
+    "all three fixes": ["--cross_cutout", "exclude", "--cross_bn", "frozen", "--cross_rampup", "0.5"],
 }
 
 

@@ -116,14 +116,15 @@ def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_
     pre = tmp_path / "pre"
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(pre), *TINY])
     status = ablate.main(["--root_path", str(synthetic_root), "--init_checkpoint", str(pre / "pretrain" / "best.pth"),
-                          "--out", str(tmp_path / "abl"), "--seeds", "1", "--variants", "default", "cross_rampup 60",
+                          "--out", str(tmp_path / "abl"), "--seeds", "1", "--variants", "published", "cross_rampup 0.5",
                           "--labelnum", "3", "--image_size", "32", "--stage_iterations", "2", "--val_interval", "1",
                           "--amp", "off"])
     assert status == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     start = load_checkpoint(pre / "pretrain" / "best.pth")["best_dice"]
-    for variant in ("default", "cross_rampup 60"):
+    for variant in ("published", "cross_rampup 0.5"):
         curve = result["variants"][variant]["curves"][0]
         assert len(curve) == 3 and curve[0] == pytest.approx(start, abs=1e-4)  # both start from the checkpoint
-    config = yaml.safe_load((tmp_path / "abl" / "cross_rampup_60_s1" / "config.yaml").read_text())
-    assert config["cross_rampup"] == 60 and config["start_stage"] == 1
+    for folder, rampup in (("published_s1", 0.0), ("cross_rampup_0.5_s1", 0.5)):
+        config = yaml.safe_load((tmp_path / "abl" / folder / "config.yaml").read_text())
+        assert config["cross_rampup"] == rampup and config["start_stage"] == 1

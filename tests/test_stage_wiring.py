@@ -97,6 +97,10 @@ def test_stage_step_targets_weights_views_and_models(synthetic_root, tmp_path, m
     (q1, z2, _), _, _ = dice[2]
     (q2, z1, _), _, _ = dice[3]
     assert torch.equal(z2, class_argmax(q2.detach())) and torch.equal(z1, class_argmax(q1.detach()))
+    # cross terms weighted by the default ramp-up: half of the 6000-iteration stage (30000 / 5), at iteration 1
+    w = cross_weight(1, 3000)
+    for k, key in enumerate(("cps1", "cps2", "cgsr1", "cgsr2")):
+        torch.testing.assert_close(losses[key], w * dice[k][2], rtol=1e-6, atol=0)
     (d1, dz2, _), _, _ = rec["center_disc_dice"].calls[0]
     assert d1 is q1 and torch.equal(dz2, z2)
     # the EMA teacher follows student 1 with --ema_decay
@@ -106,9 +110,10 @@ def test_stage_step_targets_weights_views_and_models(synthetic_root, tmp_path, m
 
 
 def test_cross_rampup_scales_exactly_the_cross_terms(synthetic_root, tmp_path, monkeypatch):
-    _, _, _, plain, _ = spied_step(synthetic_root, tmp_path / "a", monkeypatch)
-    _, _, _, ramped, _ = spied_step(synthetic_root, tmp_path / "b", monkeypatch, "--cross_rampup", "10")
-    w = cross_weight(1, 10)
+    stage = ("--max_iterations", "100")  # 20 per stage
+    _, _, _, plain, _ = spied_step(synthetic_root, tmp_path / "a", monkeypatch, *stage, "--cross_rampup", "0")
+    _, _, _, ramped, _ = spied_step(synthetic_root, tmp_path / "b", monkeypatch, *stage, "--cross_rampup", "0.5")
+    w = cross_weight(1, 10)  # half of the 20-iteration stage
     assert w == pytest.approx(0.0174224, rel=1e-5)  # exp(-5 * 0.9^2)
     for key in ("cps1", "cps2", "cgsr1", "cgsr2", "disc1", "disc2"):
         torch.testing.assert_close(ramped[key], w * plain[key], rtol=1e-6, atol=1e-9)
@@ -178,7 +183,7 @@ def test_cross_bn_frozen_keeps_student_statistics_of_the_mixed_forward_only(synt
 
 def test_cross_flags_refused_where_they_would_do_nothing(synthetic_root, tmp_path, capsys):
     for flags, word in ((["--students", "1", "--displacement", "none", "--cross_cutout", "exclude"], "--cross_cutout"),
-                        (["--students", "1", "--displacement", "none", "--cross_rampup", "5"], "--cross_rampup"),
+                        (["--students", "1", "--displacement", "none", "--cross_rampup", "0.5"], "--cross_rampup"),
                         (["--displacement", "none", "--cross_bn", "frozen"], "--cross_bn")):
         with pytest.raises(SystemExit):
             make_run(synthetic_root, tmp_path, *flags)

@@ -29,9 +29,10 @@ PRESETS = {
     "sscd": {},
     "labeled_only": {},
     "bcp": {"sda": "off", "students": 1, "displacement": "none", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
-            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema"},
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "cross_rampup": 0.0},
     "abd": {"sda": "off", "students": 2, "displacement": "abd", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
-            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence"},
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence",
+            "cross_rampup": 0.0},
 }
 # --patch_size when not given: --image_size / this (SSCD: 32 at 256², an 8x8 grid; ABD: 64-pixel squares)
 PATCH_DIVISORS = {"abd": 4}
@@ -39,7 +40,10 @@ DEFAULT_PATCH_DIVISOR = 8
 # (flag, lowest, highest) of the SSCD weights and probabilities
 BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
                  ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")),
-                 ("cross_rampup", 0, float("inf")))
+                 ("cross_rampup", 0.0, 1.0))
+# --cross_rampup when not given: this fraction of each stage with two students, none with one (README:
+# the stage-1 ablation on real ACDC; a departure from the published method, which has no ramp-up)
+DEFAULT_CROSS_RAMPUP = 0.5
 # --displacement -> (cgsr direction, paste shape)
 DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "square")}
 
@@ -89,9 +93,10 @@ def add_sscd_args(p):
     g.add_argument("--teacher_mode", choices=["eval", "train"], default="eval",
                    help="mode of the teacher's pseudo-label forward: eval (running statistics, no dropout) or train "
                         "(batch statistics and dropout, the reference; its running statistics stay untouched)")
-    g.add_argument("--cross_rampup", type=int, default=0,
-                   help="sigmoid ramp-up of the cross terms (CPS, CGSR, centre disc) over the first N iterations of "
-                        "each stage (0: full weight from the first iteration, the reference)")
+    g.add_argument("--cross_rampup", type=float, default=None,
+                   help="sigmoid ramp-up of the cross terms (CPS, CGSR, centre disc) over this fraction of each "
+                        f"stage's iterations (0: full weight from the first iteration, the reference; default "
+                        f"{DEFAULT_CROSS_RAMPUP} with two students, a departure; bcp/abd presets: 0)")
     g.add_argument("--center_disc_stages", type=int, default=3,
                    help="use the centre-disc loss in the first N stages (0 disables)")
     g.add_argument("--validate_stage_start", choices=["on", "off"], default="on",
@@ -115,6 +120,8 @@ def check_sscd_args(parser, args):
             split_iterations(args.max_iterations, len(stages))
     except ValueError as err:
         parser.error(f"--hca_weights / --max_iterations: {err}")
+    if args.cross_rampup is None:
+        args.cross_rampup = DEFAULT_CROSS_RAMPUP if args.students == 2 else 0.0
     for flag, low, high in BOUNDED_FLAGS:
         value = getattr(args, flag)
         if not low <= value <= high:
@@ -328,6 +335,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     forwards, teacher_forward = [run.forward(s) for s in students], run.forward(teacher)
     parallel = run.parallel(students, find_unused=a.ds_weight <= 0)  # untrained heads get no gradient
     views = ["", "_strong"][:len(students)]
+    rampup = round(a.cross_rampup * a.stage_iterations[stage - 1])  # iterations of the cross-term ramp-up
     opts = {name: run.optimizer(models[name]) for name in names if name != "teacher"}
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
@@ -394,7 +402,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
             u_all = torch.cat([img for v in views for img in b["uimg" + v]])
             plab = pseudo_labels(teacher_forward(u_all), c, lcc_impl=a.lcc).split(half)
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
-        w_cross = cross_weight(it, a.cross_rampup)
+        w_cross = cross_weight(it, rampup)
         losses = parallel(lambda: losses_of(b, plab, box, w_cross))
         loss = sum(losses.values())
         run.update(loss, opts.values(), students)
