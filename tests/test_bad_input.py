@@ -211,8 +211,10 @@ def test_resume_with_changed_settings_refused(finished, synthetic_root, capsys):
     assert "--base_lr 0.01 -> 0.05" in str(err.value) and "--seed 1337 -> 3" in str(err.value)
     assert (finished / "config.yaml").read_text() == before  # nothing rewritten
     # flags that do not alter the run may change
-    train_ACDC_supervised.main(tiny(synthetic_root, finished, 4, 1, "--resume", "--log_interval", "1"))
-    assert yaml.safe_load((finished / "config.yaml").read_text())["val_interval"] == 1
+    train_ACDC_supervised.main(tiny(synthetic_root, finished, 4, 1, "--resume", "--log_interval", "1",
+                                    "--amp", "off", "--channels_last", "off"))
+    resumed = yaml.safe_load((finished / "config.yaml").read_text())
+    assert resumed["val_interval"] == 1 and resumed["amp"] == "off"
 
 
 def test_failed_resume_leaves_config_unchanged(finished, synthetic_root):

@@ -107,8 +107,9 @@ SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb", VAL_HISTORY) + RUN_RECORDS
 # flags a resumed run may change: where and how fast it runs, how often it logs and validates, and
 # the supervised trainer's --max_iterations (a constant-lr run may be extended; the SSCD trainer's
 # budget is compared through the per-stage iterations it resolves to)
+# speed flags included: a run resumed on another machine may resolve --amp auto to another precision
 RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "config", "device", "num_workers", "log_interval",
-                               "val_interval", "compile", "lcc", "max_iterations"})
+                               "val_interval", "compile", "lcc", "amp", "channels_last", "max_iterations"})
 
 
 def saved_run_config(save_dir):
@@ -220,6 +221,9 @@ class Run:
             self.close()
             raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
+        self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
+                         + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+                            if self.device.type == "cpu" else ""))
 
     def _check_preprocessed(self):
         """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
