@@ -7,7 +7,8 @@ self-training, split over each method's stages; the baseline gets the sum), vali
 ``scripts/run_table.py`` (the same code path as the full table), ``--jobs`` of them at once with one thread
 each; the table is resumable (evaluated runs are skipped, unfinished ones resumed). It prints the
 per-method mean ± std over seeds and ends with one JSON line ``{"<method>_<labelnum>": {"mean", "std",
-"seeds"}, ...}`` (val Dice). ``results.md``, ``results.csv`` and ``learning_curves.png`` are in ``--out``.
+"seeds"}, ...}`` (val Dice). ``results.md``, ``results.csv``, ``learning_curves.png`` and ``learning_curves_mean.png``
+are in ``--out``.
 
     python bench/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/compare_acdc
     python bench/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/table --labelnums 3 7 \\

@@ -18,7 +18,8 @@ subprocess's output goes to ``run_table_<step>.log`` in the run folder. A failed
 lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
 and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md``, ``OUT/results.csv``
 and ``OUT/learning_curves.png`` (every run's logged validations against its total iteration, the
-stage boundaries dotted). ``--jobs N`` trains N runs at once, one thread each.
+stage boundaries dotted) and ``OUT/learning_curves_mean.png`` (one line per method: the mean over seeds
+with a ±std band). ``--jobs N`` trains N runs at once, one thread each.
 
 Fair by construction: every method gets the same flags after ``--`` (so the same iterations: give the
 self-training budget as ``--max_iterations``, which each method splits over its own stages;

@@ -8,7 +8,7 @@ import yaml
 
 import train_ACDC_SSCD
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.curves import plot_learning_curves, read_history, stage_boundaries
+from utils.curves import mean_curves, plot_learning_curves, plot_mean_curves, read_history, stage_boundaries
 from utils.engine import train_loop
 from utils.sscd_train import best_stage_checkpoint
 
@@ -128,3 +128,21 @@ def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_
     for folder, rampup in (("published_s1", 0.0), ("cross_rampup_0.5_s1", 0.5)):
         config = yaml.safe_load((tmp_path / "abl" / folder / "config.yaml").read_text())
         assert config["cross_rampup"] == rampup and config["start_stage"] == 1
+
+
+def test_mean_curves_average_matching_validations_over_seeds(tmp_path):
+    def run(seed, values, phases):
+        history = [{"phase": ph, "iteration": it, "total_iteration": tot, "dice": v}
+                   for (ph, it, tot), v in zip(phases, values)]
+        return {"method": "sscd", "labelnum": 3, "seed": seed, "history": history,
+                "config": {"method": "sscd", "pre_iterations": 4, "stage_iterations": [4]}}
+    phases = [("pretrain", 2, 2), ("pretrain", 4, 4), ("stage_1", 0, 4), ("stage_1", 4, 8)]
+    runs = [run(1, (0.1, 0.3, 0.3, 0.5), phases),
+            run(2, (0.3, 0.5, 0.5, 0.9), phases),
+            run(3, (0.2, 0.4, 0.4), phases[:3])]  # unfinished: the last point is not averaged
+    (x, mean, std, n), = mean_curves(runs).values()
+    assert x == [2, 4, 4] and n == 3  # the stage start and the validation before it stay two points
+    assert list(mean) == pytest.approx([0.2, 0.4, 0.4]) and list(std) == pytest.approx([0.1, 0.1, 0.1])
+    out = plot_mean_curves(runs, tmp_path / "m.png", order=("sscd",))
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert plot_mean_curves([{**runs[0], "history": []}], tmp_path / "none.png") is None

@@ -44,6 +44,68 @@ def stage_boundaries(config):
     return [e for e in edges if e > 0]
 
 
+def mean_curves(runs):
+    """Per ``(method, labelnum)``: ``(x, mean, std, n)`` over the seeds, at every validation that each
+    of them logged (matched by phase and iteration, so a stage start and the validation before it at
+    the same total iteration stay two points), in the order of the first run's history; std is the
+    sample std (0 for one seed). ``runs`` as for ``plot_learning_curves``."""
+    import numpy as np
+    groups = {}
+    for r in runs:
+        if r["history"]:
+            groups.setdefault((r["method"], r["labelnum"]), []).append(r["history"])
+    out = {}
+    for key, histories in groups.items():
+        tables = [{(h.get("phase"), int(h.get("iteration", h["total_iteration"]))): h for h in hist}
+                  for hist in histories]
+        points = [k for k in tables[0] if all(k in t for t in tables[1:])]
+        values = np.array([[float(t[k]["dice"]) for k in points] for t in tables])
+        x = [int(tables[0][k]["total_iteration"]) for k in points]
+        std = values.std(axis=0, ddof=1) if len(tables) > 1 else np.zeros(len(points))
+        out[key] = (x, values.mean(axis=0), std, len(tables))
+    return out
+
+
+def plot_mean_curves(runs, out_path, title="val Dice during training, mean ± std over seeds", order=()):
+    """Write a PNG with one panel per labeled count and one line per method: the mean over seeds
+    (``mean_curves``) with a ±std band, stage boundaries dotted. Returns the path, or None when no
+    run has a validation."""
+    curves = mean_curves(runs)
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(order)
+    methods = sorted({m for m, _ in curves}, key=lambda m: (order.index(m) if m in order else len(order), m))
+    labelnums = sorted({n for _, n in curves})
+    configs = {r["method"]: r["config"] for r in runs}
+    fig, axes = plt.subplots(1, len(labelnums), figsize=(6.5 * len(labelnums), 4.2), squeeze=False)
+    for ax, labelnum in zip(axes[0], labelnums):
+        for k, method in enumerate(methods):
+            if (method, labelnum) not in curves:
+                continue
+            x, mean, std, n = curves[(method, labelnum)]
+            colour = f"C{k}"
+            ax.plot(x, mean, color=colour, lw=1.5, label=f"{method} (n={n})")
+            ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
+            for edge in stage_boundaries(configs.get(method)):
+                ax.axvline(edge, color=colour, ls=":", lw=0.8, alpha=0.6)
+        ax.set_title(f"{labelnum} labeled")
+        ax.set_xlabel("total iteration (dotted: stage boundaries)")
+        ax.set_ylabel("val Dice (selection score)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def plot_learning_curves(runs, out_path, title="val Dice during training", order=()):
     """Write a PNG with one panel per labeled count and one line per run (colour = method, line
     style = seed), the stage boundaries of each method as dotted lines in its colour.

@@ -34,7 +34,7 @@ import yaml
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:  # run as a script: python code/utils/report.py
     sys.path.insert(0, CODE_DIR)
-from utils.curves import plot_learning_curves, read_history  # noqa: E402
+from utils.curves import plot_learning_curves, plot_mean_curves, read_history  # noqa: E402
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 MM_METRICS = ("hd95", "asd")
@@ -49,6 +49,7 @@ RUN_NAME = re.compile(r"^(?P<dataset>[A-Za-z0-9]+)_(?P<method>[A-Za-z0-9_]+?)_(?
 EXPECTED_FILE = "expected_runs.json"
 FAILED_FILE = "FAILED.json"
 CURVES_FILE = "learning_curves.png"  # val Dice against total iteration, one line per run
+MEAN_CURVES_FILE = "learning_curves_mean.png"  # the same, one line per method: mean ± std over seeds
 CHECK_TOL = 1e-5  # cases.csv holds 6 decimals; relative to max(1, |value|)
 
 #: ACDC rows quoted from the papers (PEERS.md §1): (method, labeled patients, Dice %, Jaccard %,
@@ -450,7 +451,8 @@ def render_markdown(rows, problems, published=()):
 
 def build_report(runs_dir, out_dir, published=False, split=None):
     """Collect, aggregate and write ``out_dir/results.md``, ``out_dir/results.csv`` and the
-    learning-curve figure ``out_dir/learning_curves.png`` (from each run's logged validations).
+    learning-curve figures ``out_dir/learning_curves.png`` (one line per run) and
+    ``learning_curves_mean.png`` (mean ± std over seeds per method), from each run's logged validations.
 
     Returns ``(rows, problems)`` (see ``aggregate`` and ``collect``).
     """
@@ -465,7 +467,9 @@ def build_report(runs_dir, out_dir, published=False, split=None):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(lines)
-    plot_learning_curves(curve_runs(runs_dir), out_dir / CURVES_FILE, order=METHOD_ORDER)
+    curves = curve_runs(runs_dir)
+    plot_learning_curves(curves, out_dir / CURVES_FILE, order=METHOD_ORDER)
+    plot_mean_curves(curves, out_dir / MEAN_CURVES_FILE, order=METHOD_ORDER)
     return rows, problems
 
 
