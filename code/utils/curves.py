@@ -44,6 +44,24 @@ def stage_boundaries(config):
     return [e for e in edges if e > 0]
 
 
+def _label_panel(ax, labelnum, legend_columns):
+    ax.set_title(f"{labelnum} labeled")
+    ax.set_xlabel("total iteration (dotted: stage boundaries)")
+    ax.set_ylabel("val Dice (selection score)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8 if legend_columns == 1 else 7, ncol=legend_columns)
+
+
+def _save(fig, plt, title, out_path):
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
 def mean_curves(runs):
     """Per ``(method, labelnum)``: ``(x, mean, std, n)`` over the seeds, at every validation that each
     of them logged (matched by phase and iteration, so a stage start and the validation before it at
@@ -92,18 +110,8 @@ def plot_mean_curves(runs, out_path, title="val Dice during training, mean ± st
             ax.fill_between(x, mean - std, mean + std, color=colour, alpha=0.15, lw=0)
             for edge in stage_boundaries(configs.get(method)):
                 ax.axvline(edge, color=colour, ls=":", lw=0.8, alpha=0.6)
-        ax.set_title(f"{labelnum} labeled")
-        ax.set_xlabel("total iteration (dotted: stage boundaries)")
-        ax.set_ylabel("val Dice (selection score)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+        _label_panel(ax, labelnum, legend_columns=1)
+    return _save(fig, plt, title, out_path)
 
 
 def plot_learning_curves(runs, out_path, title="val Dice during training", order=()):
@@ -139,16 +147,6 @@ def plot_learning_curves(runs, out_path, title="val Dice during training", order
                 for edge in stage_boundaries(r["config"]):
                     ax.axvline(edge, color=colours[r["method"]], ls=":", lw=0.8, alpha=0.6)
                 drawn.add(r["method"])
-        ax.set_title(f"{labelnum} labeled")
-        ax.set_xlabel("total iteration (dotted: stage boundaries)")
-        ax.set_ylabel("val Dice (selection score)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+        _label_panel(ax, labelnum, legend_columns=2)
+    return _save(fig, plt, title, out_path)
 
