@@ -1,8 +1,8 @@
 """Stage-1 ablation of the cross-term fixes: one curriculum stage from one pre-trained checkpoint,
 per variant and seed, on val.list.
 
-Each variant is the published SSCD stage (no cross-term ramp-up) plus some flags (``VARIANTS``; this
-code's default is ``cross_rampup 0.5``); every run trains stage 1
+Each variant is the published SSCD stage (no cross-term ramp-up) plus some flags, or this code's
+default stage (``cross_rampup 0.5``) without one component (``VARIANTS``); every run trains stage 1
 (HCA weights 1,0,0,0) for ``--stage_iterations`` from ``--init_checkpoint``, validating at the start
 and every ``--val_interval``. Runs are resumable (``--resume``; a finished one is read back) and go
 ``--jobs`` at a time with one thread each. The table gives, per variant, mean ± std over seeds of the
@@ -14,6 +14,7 @@ line is one JSON object.
 """
 import argparse
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,10 @@ VARIANTS = {
     "teacher_mode train": ["--cross_rampup", "0", "--teacher_mode", "train"],
     "cross_rampup 0.5": ["--cross_rampup", "0.5"],
     "all three fixes": ["--cross_cutout", "exclude", "--cross_bn", "frozen", "--cross_rampup", "0.5"],
+    # what each component of the (default) stage costs or brings
+    "no centre disc": ["--center_disc_stages", "0"],
+    "no CGSR": ["--displacement", "none"],
+    "one student (BCP stage)": ["--students", "1", "--displacement", "none"],
 }
 
 
@@ -55,7 +60,8 @@ def main(argv=None):
     if unknown:
         p.error(f"--variants {unknown}: expected any of {list(VARIANTS)}")
     out = Path(args.out)
-    runs = [(v, s, out / f"{v.replace(' ', '_')}_s{s}") for v in args.variants for s in args.seeds]
+    runs = [(v, s, out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', v).strip('_')}_s{s}") for v in args.variants
+            for s in args.seeds]
     env = run_table.one_thread_env()
 
     def train(run):

@@ -116,18 +116,19 @@ def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_
     pre = tmp_path / "pre"
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(pre), *TINY])
     status = ablate.main(["--root_path", str(synthetic_root), "--init_checkpoint", str(pre / "pretrain" / "best.pth"),
-                          "--out", str(tmp_path / "abl"), "--seeds", "1", "--variants", "published", "cross_rampup 0.5",
+                          "--out", str(tmp_path / "abl"), "--seeds", "1", "--variants", "published", "cross_rampup 0.5", "one student (BCP stage)",
                           "--labelnum", "3", "--image_size", "32", "--stage_iterations", "2", "--val_interval", "1",
                           "--amp", "off"])
     assert status == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     start = load_checkpoint(pre / "pretrain" / "best.pth")["best_dice"]
-    for variant in ("published", "cross_rampup 0.5"):
+    for variant in ("published", "cross_rampup 0.5", "one student (BCP stage)"):
         curve = result["variants"][variant]["curves"][0]
         assert len(curve) == 3 and curve[0] == pytest.approx(start, abs=1e-4)  # both start from the checkpoint
-    for folder, rampup in (("published_s1", 0.0), ("cross_rampup_0.5_s1", 0.5)):
+    for folder, rampup, students in (("published_s1", 0.0, 2), ("cross_rampup_0.5_s1", 0.5, 2),
+                                     ("one_student_BCP_stage_s1", 0.0, 1)):
         config = yaml.safe_load((tmp_path / "abl" / folder / "config.yaml").read_text())
-        assert config["cross_rampup"] == rampup and config["start_stage"] == 1
+        assert (config["cross_rampup"], config["students"], config["start_stage"]) == (rampup, students, 1)
 
 
 def test_mean_curves_average_matching_validations_over_seeds(tmp_path):
