@@ -101,9 +101,31 @@ def test_each_stage_validates_its_start_and_the_final_model_is_selected_over_sta
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(off), *TINY, "--final", final,
                           "--validate_stage_start", "off"])
     assert [h["iteration"] for h in read_history(off)] == [2, 2, 2]
-    bests = [load_checkpoint(off / f"stage_{k}" / "best.pth")["best_dice"] for k in (1, 2)]
-    expected = max(bests) if final == "best_stage" else bests[1]
+    bests = [load_checkpoint(off / phase / "best.pth")["best_dice"] for phase in ("pretrain", "stage_1", "stage_2")]
+    expected = max(bests) if final == "best_stage" else bests[2]
     assert load_checkpoint(off / "best.pth")["best_dice"] == expected
+
+
+@pytest.mark.parametrize("final", ["best_stage", "last_stage"])
+def test_stage_init_last_continues_from_the_last_weights(synthetic_root, tmp_path, final):
+    save = tmp_path / "run"
+    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *TINY, "--pre_iterations", "4",
+                          "--stage_init", "last", "--final", final])
+    history = read_history(save)
+    by = {(h["phase"], h["iteration"]): h["dice"] for h in history}
+    assert list(by) == [("pretrain", 2), ("pretrain", 4), ("stage_1", 0), ("stage_1", 2), ("stage_2", 0),
+                        ("stage_2", 2)]
+    # each stage starts where the previous phase stopped, not from its best
+    assert by[("pretrain", 2)] != by[("pretrain", 4)]  # otherwise best and last could not be told apart
+    assert by[("stage_1", 0)] == pytest.approx(by[("pretrain", 4)], abs=1e-12)
+    assert by[("stage_2", 0)] == pytest.approx(by[("stage_1", 2)], abs=1e-12)
+    log = (save / "log.txt").read_text()
+    assert f"init {save / 'pretrain' / 'last.pth'}," in log and f"init {save / 'stage_1' / 'last.pth'}," in log
+    final_dice = load_checkpoint(save / "best.pth")["best_dice"]
+    if final == "best_stage":  # the best of every validation, pre-training included
+        assert final_dice == pytest.approx(max(by.values()), abs=1e-12)
+    else:
+        assert final_dice == pytest.approx(max(by[("stage_2", 0)], by[("stage_2", 2)]), abs=1e-12)
 
 
 def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_path, capsys):

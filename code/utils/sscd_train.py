@@ -105,6 +105,10 @@ def add_sscd_args(p):
     g.add_argument("--final", choices=["best_stage", "last_stage"], default="best_stage",
                    help="final model: the best-on-val checkpoint over all stages, or the last stage's best "
                         "(the reference); equal scores with --validate_stage_start on")
+    g.add_argument("--stage_init", choices=["best", "last"], default="best",
+                   help="what each curriculum stage starts from: the previous phase's best-on-val checkpoint (the "
+                        "reference) or its last weights (training continues; --final best_stage then also "
+                        "considers the pre-training's best)")
     g.add_argument("--start_stage", type=int, default=0, help="0: pre-training; k: begin at curriculum stage k")
     g.add_argument("--init_checkpoint", default=None,
                    help="weights the first run stage starts from (default: the previous stage's best.pth "
@@ -163,7 +167,7 @@ def check_sscd_args(parser, args):
     if not 0 < args.sda_alpha <= 1:
         parser.error(f"--sda_alpha {args.sda_alpha}: expected a fraction in (0, 1]")
     if args.method != "labeled_only" and args.start_stage >= 1 and args.init_checkpoint is None:
-        previous = resolve_save_dir(args) / stage_folder(args.start_stage - 1) / "best.pth"
+        previous = resolve_save_dir(args) / stage_folder(args.start_stage - 1) / f"{args.stage_init}.pth"
         if not previous.is_file():
             parser.error(f"--start_stage {args.start_stage} starts from {previous}, which does not exist: "
                          f"give --init_checkpoint")
@@ -448,20 +452,23 @@ def train_sscd(run, stages):
     data, volumes = run.train_data(), run.val_volumes()
     save_dir = Path(run.save_dir)
     init = Path(a.init_checkpoint) if a.init_checkpoint else None
+    handover = f"{a.stage_init}.pth"  # what the next stage starts from
     if a.start_stage == 0:
         pretrain(run, save_dir / stage_folder(0), a.pre_iterations, data, volumes)
-        init = save_dir / stage_folder(0) / "best.pth"
+        init = save_dir / stage_folder(0) / handover
     for k in range(max(a.start_stage, 1), len(stages) + 1):
         if init is None:
-            init = save_dir / stage_folder(k - 1) / "best.pth"
+            init = save_dir / stage_folder(k - 1) / handover
         stage_dir = save_dir / stage_folder(k)
         self_train_stage(run, k, stages[k - 1], init, stage_dir, a.stage_iterations[k - 1], data, volumes)
-        init = stage_dir / "best.pth"
+        init = stage_dir / handover
     final = save_dir / "best.pth"
     if run.rank == 0:
-        if a.final == "best_stage":
-            init = best_stage_checkpoint([save_dir / stage_folder(k) / "best.pth" for k in range(1, len(stages) + 1)],
+        if a.final == "best_stage":  # pre-training first: with --stage_init best, stage 1's start is its best
+            init = best_stage_checkpoint([save_dir / stage_folder(k) / "best.pth" for k in range(0, len(stages) + 1)],
                                          init)
+        elif a.stage_init == "last":
+            init = stage_dir / "best.pth"
         run.logger.info(f"final model (--final {a.final}): {init}")
         save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
     return final
