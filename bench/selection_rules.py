@@ -1,7 +1,7 @@
 """What the model-selection rules do to a finished table: every run's logged validations re-read
 under each rule, without training again.
 
-For each run under ``TABLE/runs`` (``scripts/run_table.py`` or ``bench/compare_acdc.py`` output), its
+For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``scripts/run_table.py`` or ``bench/compare_acdc.py`` output), its
 ``validations.jsonl`` records (``utils.curves.read_history``) give the val Dice the final model would
 have under:
 
@@ -59,10 +59,14 @@ def rule_scores(history):
 
 
 def collect(runs_dir):
-    """``{(method, labelnum): [(seed, rule_scores), ...]}`` for every run folder with a config.yaml
-    and at least one validation record, seeds in sorted order."""
-    table = {}
+    """``{(method, labelnum): [(seed, rule_scores), ...]}`` for every finished run folder (a
+    config.yaml and the final best.pth) with at least one validation record, seeds in sorted order;
+    also the names of the unfinished folders left out."""
+    table, unfinished = {}, []
     for folder in sorted(p for p in Path(runs_dir).iterdir() if (p / "config.yaml").is_file()):
+        if not (folder / "best.pth").is_file():
+            unfinished.append(folder.name)
+            continue
         config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
         history = read_history(folder)
         if not history:
@@ -71,7 +75,7 @@ def collect(runs_dir):
         table.setdefault(key, []).append((int(config.get("seed", 0)), rule_scores(history)))
     for runs in table.values():
         runs.sort(key=lambda item: item[0])
-    return table
+    return table, unfinished
 
 
 def summarise(table):
@@ -96,9 +100,12 @@ def main(argv=None):
     runs_dir = Path(args.table) / "runs"
     if not runs_dir.is_dir():
         p.error(f"--table {args.table}: no runs/ folder in it")
-    rows = summarise(collect(runs_dir))
+    table, unfinished = collect(runs_dir)
+    rows = summarise(table)
+    if unfinished:
+        print(f"left out, not finished (no final best.pth): {', '.join(unfinished)}")
     if not rows:
-        p.error(f"--table {args.table}: no run under runs/ has a validation record")
+        p.error(f"--table {args.table}: no finished run under runs/ has a validation record")
     print("| labeled | method | seeds | " + " | ".join(RULES) + " | best phase per seed |")
     print("|---" * (len(RULES) + 4) + "|")
     for row in rows:

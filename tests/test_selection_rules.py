@@ -46,7 +46,7 @@ def test_single_phase_baseline_has_no_pretrain_rule():
         selection_rules.rule_scores([])
 
 
-def write_run(runs, name, config, history):
+def write_run(runs, name, config, history, finished=True):
     folder = runs / name
     by_phase = {}
     for rec in history:
@@ -56,6 +56,8 @@ def write_run(runs, name, config, history):
         sub.mkdir(parents=True, exist_ok=True)
         (sub / "validations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    if finished:
+        (folder / "best.pth").write_bytes(b"final model")  # only its presence is read
 
 
 def test_table_mean_std_over_seeds(tmp_path, capsys):
@@ -67,8 +69,12 @@ def test_table_mean_std_over_seeds(tmp_path, capsys):
         write_run(runs, f"lo_{seed}", {"method": "labeled_only", "labelnum": 3, "seed": seed},
                   [record("supervised", 40, 40, best), record("supervised", 80, 80, best - 0.2)])
     (runs / "empty").mkdir()  # no config: ignored
+    write_run(runs, "sscd_3", {"method": "sscd", "labelnum": 3, "seed": 3}, sscd_history(0.9, (0.9,), ()),
+              finished=False)  # still training: left out
     assert selection_rules.main(["--table", str(tmp_path)]) == 0
-    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])}
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0] == "left out, not finished (no final best.pth): sscd_3"
+    rows = {r["method"]: r for r in json.loads(out[-1])}
     assert rows["sscd"]["best_stage"] == pytest.approx([72.5, 3.54], abs=0.01)  # 70, 75: sd = 5/sqrt(2)
     assert rows["sscd"]["reference"] == pytest.approx([66.5, 6.36], abs=0.01)  # 62, 71
     assert rows["sscd"]["pretrain"] == pytest.approx([65.0, 7.07], abs=0.01)
