@@ -85,7 +85,8 @@ TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--patch
 @pytest.mark.parametrize("final", ["best_stage", "last_stage"])
 def test_each_stage_validates_its_start_and_the_final_model_is_selected_over_stages(synthetic_root, tmp_path, final):
     save = tmp_path / "run"
-    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *TINY, "--final", final])
+    train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *TINY, "--final", final,
+                          "--stage_init", "best"])
     history = read_history(save)
     assert [(h["phase"], h["iteration"], h["total_iteration"]) for h in history] == [
         ("pretrain", 2, 2), ("stage_1", 0, 2), ("stage_1", 2, 4), ("stage_2", 0, 4), ("stage_2", 2, 6)]
@@ -99,7 +100,7 @@ def test_each_stage_validates_its_start_and_the_final_model_is_selected_over_sta
     assert load_checkpoint(save / "best.pth")["best_dice"] == max(stage_bests)
     off = tmp_path / "off"
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(off), *TINY, "--final", final,
-                          "--validate_stage_start", "off"])
+                          "--validate_stage_start", "off", "--stage_init", "best"])
     assert [h["iteration"] for h in read_history(off)] == [2, 2, 2]
     bests = [load_checkpoint(off / phase / "best.pth")["best_dice"] for phase in ("pretrain", "stage_1", "stage_2")]
     expected = max(bests) if final == "best_stage" else bests[2]

@@ -102,7 +102,7 @@ def test_curriculum_stage_k_uses_kth_weights_and_previous_best(synthetic_root, t
     monkeypatch.setattr(sscd_train, "self_train_stage", spy)
     schedule = "1,0,0,0;0,1,0,0;0,0,0,1"
     final = train(synthetic_root, tmp_path, "--pre_iterations", "2", "--max_iterations", "7",
-                  "--hca_weights", schedule, "--val_interval", "1")
+                  "--hca_weights", schedule, "--val_interval", "1", "--stage_init", "best")
     assert [c[1] for c in calls] == [(1.0, 0, 0, 0), (0, 1.0, 0, 0), (0, 0, 0, 1.0)]
     assert [c[2] for c in calls] == [str(tmp_path / "pretrain" / "best.pth"), str(tmp_path / "stage_1" / "best.pth"),
                                      str(tmp_path / "stage_2" / "best.pth")]

@@ -105,10 +105,10 @@ def add_sscd_args(p):
     g.add_argument("--final", choices=["best_stage", "last_stage"], default="best_stage",
                    help="final model: the best-on-val checkpoint over all stages, or the last stage's best "
                         "(the reference); equal scores with --validate_stage_start on")
-    g.add_argument("--stage_init", choices=["best", "last"], default="best",
-                   help="what each curriculum stage starts from: the previous phase's best-on-val checkpoint (the "
-                        "reference) or its last weights (training continues; --final best_stage then also "
-                        "considers the pre-training's best)")
+    g.add_argument("--stage_init", choices=["best", "last"], default="last",
+                   help="what each curriculum stage starts from: the previous phase's last weights (training "
+                        "continues; a departure, chosen by the ACDC table in README) or its best-on-val checkpoint "
+                        "(the reference); --final best_stage considers the pre-training's best too")
     g.add_argument("--start_stage", type=int, default=0, help="0: pre-training; k: begin at curriculum stage k")
     g.add_argument("--init_checkpoint", default=None,
                    help="weights the first run stage starts from (default: the previous stage's best.pth "
