@@ -135,8 +135,14 @@ def test_presets_set_flags_and_stay_overridable(synthetic_root, tmp_path):
     parser = sscd_train.add_sscd_args(base_parser("t", "ACDC", 4, 7))
     args = parse_args(parser, ["--method", "bcp"], sscd_train.PRESETS)
     assert (args.students, args.displacement, args.sda, args.hca_weights) == (1, "none", "off", "0,0,0,1")
+    assert args.stage_init == "best"  # the peers' self-training starts from the pre-training's best
     args = parse_args(parser, ["--method", "abd", "--patch_size", "16"], sscd_train.PRESETS)
-    assert (args.displacement, args.patch_size, args.students) == ("abd", 16, 2)
+    assert (args.displacement, args.patch_size, args.students, args.stage_init) == ("abd", 16, 2, "best")
+    fresh = sscd_train.add_sscd_args(base_parser("t", "ACDC", 4, 7))  # set_defaults stays on a parser
+    args = parse_args(fresh, ["--method", "sscd"], sscd_train.PRESETS)
+    assert args.stage_init == "last"
+    sscd_train.check_sscd_args(fresh, args)
+    assert args.cross_rampup == 0.5
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"method": "bcp", "ds_weight": 0.25}))
     args = parse_args(parser, ["--config", str(config)], sscd_train.PRESETS)

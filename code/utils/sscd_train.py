@@ -29,10 +29,11 @@ PRESETS = {
     "sscd": {},
     "labeled_only": {},
     "bcp": {"sda": "off", "students": 1, "displacement": "none", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
-            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "cross_rampup": 0.0},
+            "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "cross_rampup": 0.0,
+            "stage_init": "best"},
     "abd": {"sda": "off", "students": 2, "displacement": "abd", "hca_weights": "0,0,0,1", "ds_weight": 0.0,
             "center_disc_stages": 0, "stage_iterations": 30000, "teacher": "ema", "rank_by": "confidence",
-            "cross_rampup": 0.0},
+            "cross_rampup": 0.0, "stage_init": "best"},
 }
 # --patch_size when not given: --image_size / this (SSCD: 32 at 256², an 8x8 grid; ABD: 64-pixel squares)
 PATCH_DIVISORS = {"abd": 4}
