@@ -74,8 +74,7 @@ def mean_curves(runs):
             groups.setdefault((r["method"], r["labelnum"]), []).append(r["history"])
     out = {}
     for key, histories in groups.items():
-        tables = [{(h.get("phase"), int(h.get("iteration", h["total_iteration"]))): h for h in hist}
-                  for hist in histories]
+        tables = [{(h["phase"], int(h["iteration"])): h for h in hist} for hist in histories]
         points = [k for k in tables[0] if all(k in t for t in tables[1:])]
         values = np.array([[float(t[k]["dice"]) for k in points] for t in tables])
         x = [int(tables[0][k]["total_iteration"]) for k in points]

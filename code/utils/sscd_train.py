@@ -465,11 +465,10 @@ def train_sscd(run, stages):
         init = stage_dir / handover
     final = save_dir / "best.pth"
     if run.rank == 0:
+        init = stage_dir / "best.pth"  # the last stage's best
         if a.final == "best_stage":  # pre-training first: with --stage_init best, stage 1's start is its best
             init = best_stage_checkpoint([save_dir / stage_folder(k) / "best.pth" for k in range(0, len(stages) + 1)],
                                          init)
-        elif a.stage_init == "last":
-            init = stage_dir / "best.pth"
         run.logger.info(f"final model (--final {a.final}): {init}")
         save_checkpoint({k: v for k, v in load_checkpoint(init).items() if k != "format"}, final)
     return final
