@@ -11,6 +11,7 @@ line is one JSON object.
 
     python bench/ablate_stage.py --root_path ../shared/data/ACDC --init_checkpoint PRE/pretrain/best.pth \\
         --out /tmp/ablation --seeds 1337 2
+    python bench/ablate_stage.py --dataset PROMISE12 --root_path P12 --init_checkpoint ... --out ... --base_lr 0.05
 """
 import argparse
 import json
@@ -44,6 +45,8 @@ VARIANTS = {
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", choices=("ACDC", "PROMISE12"), default="ACDC",
+                   help="which trainer runs the stage (code/train_<dataset>_SSCD.py)")
     p.add_argument("--root_path", required=True)
     p.add_argument("--init_checkpoint", required=True, help="the pre-trained model every run starts from")
     p.add_argument("--out", required=True)
@@ -66,7 +69,7 @@ def main(argv=None):
 
     def train(run):
         variant, seed, folder = run
-        command = [sys.executable, str(REPO / "code" / "train_ACDC_SSCD.py"), "--root_path", args.root_path,
+        command = [sys.executable, str(REPO / "code" / f"train_{args.dataset}_SSCD.py"), "--root_path", args.root_path,
                    "--labelnum", str(args.labelnum), "--image_size", str(args.image_size), "--batch_size", "8",
                    "--labeled_bs", "4", "--start_stage", "1", "--init_checkpoint", args.init_checkpoint,
                    "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
@@ -98,7 +101,7 @@ def main(argv=None):
         print(f"{variant:<22}" + "".join(f"{c:>15}" for c in cells))
         summary[variant] = {"curves": arr.round(4).tolist(), "mean_after_start": round(float(cols[-2].mean()), 4),
                             "best": round(float(cols[-1].mean()), 4)}
-    print(json.dumps({"seeds": args.seeds, "stage_iterations": args.stage_iterations, "base_lr": args.base_lr,
+    print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "stage_iterations": args.stage_iterations, "base_lr": args.base_lr,
                       "variants": summary}))
     return 1 if any(codes) else 0
 

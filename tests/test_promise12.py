@@ -284,3 +284,28 @@ def test_labeled_only_method_through_the_promise12_script(source, tmp_path):
     assert state["num_classes"] == 2 and state["config"]["method"] == "labeled_only"
     assert state["iteration"] == 6 + 2 * 3  # the semi-supervised budget: pre + stages
     assert not (tmp_path / "run" / "pretrain").exists() and not (tmp_path / "run" / "stage_1").exists()
+
+
+def test_stage_ablation_runs_the_promise12_trainer(generated, tmp_path, capsys):
+    """bench/ablate_stage.py --dataset PROMISE12 trains stage 1 with the 2-class trainer, from the checkpoint."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("ablate_stage", Path(__file__).resolve().parents[1] / "bench"
+                                                  / "ablate_stage.py")
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    _, root, _ = generated
+    tiny_run(root, tmp_path / "pre", "--amp", "off")
+    start = load_checkpoint(tmp_path / "pre" / "pretrain" / "best.pth")["best_dice"]
+    status = ablate.main(["--dataset", "PROMISE12", "--root_path", str(root), "--init_checkpoint",
+                          str(tmp_path / "pre" / "pretrain" / "best.pth"), "--out", str(tmp_path / "abl"),
+                          "--seeds", "1", "--variants", "no CGSR", "--labelnum", "1", "--image_size", str(SIZE),
+                          "--stage_iterations", "2", "--val_interval", "1", "--amp", "off", "--patch_size", "16"])
+    assert status == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["dataset"] == "PROMISE12"
+    curve = result["variants"]["no CGSR"]["curves"][0]
+    assert len(curve) == 3 and curve[0] == pytest.approx(start, abs=1e-4)
+    state = load_checkpoint(tmp_path / "abl" / "no_CGSR_s1" / "stage_1" / "last.pth")
+    assert state["num_classes"] == 2 and state["config"]["exp"] == "PROMISE12_SSCD"
+    assert state["config"]["displacement"] == "none" and state["config"]["start_stage"] == 1

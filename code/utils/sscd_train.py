@@ -2,7 +2,7 @@
 
 One function, ``self_train_stage``, runs every curriculum stage; the stages differ only by
 their HCA weight vector, whether the centre-disc loss is on, and the checkpoint they start
-from (the previous stage's best on val.list). The method pieces are the pure functions of
+from (``--stage_init``: the previous phase's last weights, or its best on val.list). The method pieces are the pure functions of
 ``utils.sscd`` and ``utils.losses``; this module wires them into training steps.
 """
 from contextlib import contextmanager, nullcontext
