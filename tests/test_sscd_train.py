@@ -138,15 +138,15 @@ def test_presets_set_flags_and_stay_overridable(synthetic_root, tmp_path):
     assert args.stage_init == "best"  # the peers' self-training starts from the pre-training's best
     args = parse_args(parser, ["--method", "abd", "--patch_size", "16"], sscd_train.PRESETS)
     assert (args.displacement, args.patch_size, args.students, args.stage_init) == ("abd", 16, 2, "best")
-    fresh = sscd_train.add_sscd_args(base_parser("t", "ACDC", 4, 7))  # set_defaults stays on a parser
-    args = parse_args(fresh, ["--method", "sscd"], sscd_train.PRESETS)
-    assert args.stage_init == "last"
-    sscd_train.check_sscd_args(fresh, args)
+    args = parse_args(parser, ["--method", "sscd"], sscd_train.PRESETS)  # the same parser: no preset left on it
+    assert (args.stage_init, args.students, args.displacement, args.sda) == ("last", 2, "cgsr", "on")
+    sscd_train.check_sscd_args(parser, args)
     assert args.cross_rampup == 0.5
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"method": "bcp", "ds_weight": 0.25}))
     args = parse_args(parser, ["--config", str(config)], sscd_train.PRESETS)
     assert (args.method, args.students, args.ds_weight) == ("bcp", 1, 0.25)  # YAML beats the preset
+    assert parse_args(parser, [], sscd_train.PRESETS).ds_weight == 0.5  # nor a YAML value
 
 
 @pytest.mark.parametrize("method, size, patch", [("sscd", 256, 32), ("sscd", 64, 8), ("bcp", 128, 16),

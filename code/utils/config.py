@@ -72,15 +72,23 @@ def parse_args(parser, argv=None, presets=None):
     flags, so every value stays overridable and the saved config shows the resolved values.
     """
     values = {}
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
-        values = load_config_file(parser, pre.config)
-        parser.set_defaults(**values)
-    if presets is not None:
-        method = parser.parse_known_args(argv)[0].method
-        parser.set_defaults(**presets[method])
-        parser.set_defaults(**values)
-    args = parser.parse_args(argv)
+    # the preset and YAML values are this parse's defaults only: a parser used again starts clean
+    saved = [a.default for a in parser._actions], dict(parser._defaults)
+    try:
+        pre, _ = parser.parse_known_args(argv)
+        if pre.config:
+            values = load_config_file(parser, pre.config)
+            parser.set_defaults(**values)
+        if presets is not None:
+            method = parser.parse_known_args(argv)[0].method
+            parser.set_defaults(**presets[method])
+            parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    finally:
+        for action, default in zip(parser._actions, saved[0]):
+            action.default = default
+        parser._defaults.clear()
+        parser._defaults.update(saved[1])
     for action in parser._actions:  # argparse does not check defaults (YAML values) against choices
         value = getattr(args, action.dest, None)
         if action.choices is not None and value is not None and value not in action.choices:
