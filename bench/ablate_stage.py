@@ -69,7 +69,8 @@ def main(argv=None):
 
     def train(run):
         variant, seed, folder = run
-        command = [sys.executable, str(REPO / "code" / f"train_{args.dataset}_SSCD.py"), "--root_path", args.root_path,
+        trainer = REPO / "code" / f"train_{args.dataset}_SSCD.py"
+        command = [sys.executable, str(trainer), "--root_path", args.root_path,
                    "--labelnum", str(args.labelnum), "--image_size", str(args.image_size), "--batch_size", "8",
                    "--labeled_bs", "4", "--start_stage", "1", "--init_checkpoint", args.init_checkpoint,
                    "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
@@ -101,8 +102,8 @@ def main(argv=None):
         print(f"{variant:<22}" + "".join(f"{c:>15}" for c in cells))
         summary[variant] = {"curves": arr.round(4).tolist(), "mean_after_start": round(float(cols[-2].mean()), 4),
                             "best": round(float(cols[-1].mean()), 4)}
-    print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "stage_iterations": args.stage_iterations, "base_lr": args.base_lr,
-                      "variants": summary}))
+    print(json.dumps({"dataset": args.dataset, "seeds": args.seeds, "stage_iterations": args.stage_iterations,
+                      "base_lr": args.base_lr, "variants": summary}))
     return 1 if any(codes) else 0
 
 

@@ -1,9 +1,9 @@
 """What the model-selection rules do to a finished table: every run's logged validations re-read
 under each rule, without training again.
 
-For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``scripts/run_table.py`` or ``bench/compare_acdc.py`` output), its
-``validations.jsonl`` records (``utils.curves.read_history``) give the val Dice the final model would
-have under:
+For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``scripts/run_table.py``
+or ``bench/compare_acdc.py`` output), its ``validations.jsonl`` records (``utils.curves.read_history``)
+give the val Dice the final model would have under:
 
 - ``best_stage``: the best validation of the whole run (this code's default ``--final best_stage``
   with ``--validate_stage_start on``);

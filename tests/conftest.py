@@ -4,6 +4,7 @@ Real data: set ``SSCD_SHARED_DATA`` to the folder holding ``ACDC/`` and ``prosta
 (CI sets it to ``../shared/data``). Without it, the ACDC fixtures fall back to a small
 synthetic data set in exactly the ACDC layout, so the suite still exercises every path.
 """
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,15 @@ REPO = Path(__file__).resolve().parents[1]
 CODE = REPO / "code"
 if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
+
+
+def load_script(relative):
+    """The module of a script outside the package (``bench/ablate_stage.py``, ``scripts/run_table.py``)."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_data_dir():

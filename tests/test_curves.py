@@ -7,6 +7,7 @@ import torch
 import yaml
 
 import train_ACDC_SSCD
+from conftest import load_script
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.curves import mean_curves, plot_learning_curves, plot_mean_curves, read_history, stage_boundaries
 from utils.engine import train_loop
@@ -130,12 +131,7 @@ def test_stage_init_last_continues_from_the_last_weights(synthetic_root, tmp_pat
 
 
 def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("ablate_stage", Path(__file__).resolve().parents[1] / "bench"
-                                                  / "ablate_stage.py")
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
+    ablate = load_script("bench/ablate_stage.py")
     pre = tmp_path / "pre"
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(pre), *TINY])
     status = ablate.main(["--root_path", str(synthetic_root), "--init_checkpoint", str(pre / "pretrain" / "best.pth"),

@@ -22,6 +22,7 @@ from dataloaders.dataset import TrainData, read_list
 from dataloaders.preprocess_promise12 import preprocess_promise12
 from utils.checkpoint import load_checkpoint
 from utils.geometry import load_volume_meta
+from conftest import load_script
 from test_preprocess_promise12 import dice, read_h5
 from utils.metrics import METRIC_NAMES, binary_metrics
 
@@ -288,12 +289,7 @@ def test_labeled_only_method_through_the_promise12_script(source, tmp_path):
 
 def test_stage_ablation_runs_the_promise12_trainer(generated, tmp_path, capsys):
     """bench/ablate_stage.py --dataset PROMISE12 trains stage 1 with the 2-class trainer, from the checkpoint."""
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("ablate_stage", Path(__file__).resolve().parents[1] / "bench"
-                                                  / "ablate_stage.py")
-    ablate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablate)
+    ablate = load_script("bench/ablate_stage.py")
     _, root, _ = generated
     tiny_run(root, tmp_path / "pre", "--amp", "off")
     start = load_checkpoint(tmp_path / "pre" / "pretrain" / "best.pth")["best_dice"]

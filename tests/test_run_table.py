@@ -2,7 +2,6 @@
 skipped, trained ones only evaluated), failures reported with a non-zero exit, and flag checks. The
 trainer and test script are replaced by a fake runner that writes what they would write."""
 import csv
-import importlib.util
 import json
 import shlex
 import sys
@@ -10,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("run_table", REPO / "scripts" / "run_table.py")
-run_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_table)
+run_table = load_script("scripts/run_table.py")
 
 PASS = ["--image_size", "32", "--batch_size", "8", "--labeled_bs", "4", "--pre_iterations", "20"]
 CLASSES = ("RV", "Myo", "LV")
@@ -214,9 +212,7 @@ def test_stage_iterations_refused_for_methods_with_different_stage_counts(tmp_pa
 
 
 def test_compare_acdc_is_run_table_with_cpu_scale_flags(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("compare_acdc", REPO / "bench" / "compare_acdc.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
+    compare = load_script("bench/compare_acdc.py")
     runner = FakeRunner()
     compare.main(["--root_path", str(tmp_path), "--out", str(tmp_path / "cmp"), "--seeds", "1", "2",
                   "--labelnums", "1"], runner=runner)

@@ -2,8 +2,9 @@
 
 One function, ``self_train_stage``, runs every curriculum stage; the stages differ only by
 their HCA weight vector, whether the centre-disc loss is on, and the checkpoint they start
-from (``--stage_init``: the previous phase's last weights, or its best on val.list). The method pieces are the pure functions of
-``utils.sscd`` and ``utils.losses``; this module wires them into training steps.
+from (``--stage_init``: the previous phase's last weights, or its best on val.list). The method
+pieces are the pure functions of ``utils.sscd`` and ``utils.losses``; this module wires them into
+training steps.
 """
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -112,8 +113,8 @@ def add_sscd_args(p):
                         "(the reference); --final best_stage considers the pre-training's best too")
     g.add_argument("--start_stage", type=int, default=0, help="0: pre-training; k: begin at curriculum stage k")
     g.add_argument("--init_checkpoint", default=None,
-                   help="weights the first run stage starts from (default: the previous stage's best.pth "
-                        "in --save_dir); e.g. a pre-trained model with --start_stage 1")
+                   help="weights the first run stage starts from (default: the previous stage's "
+                        "--stage_init checkpoint in --save_dir); e.g. a pre-trained model with --start_stage 1")
     return p
 
 
