@@ -33,22 +33,31 @@ from utils import distributed
 B, SIZE, CLASSES = 4, 32, 4
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n):
+    """``n`` distinct free ports (the sockets are held open together, so no port comes twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
-def _entry(rank, fn, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
+def _entry(rank, fn, ports, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", SSCD_TEST_SECOND_PORT=str(ports[1]))
     torch.set_num_threads(1)
     fn(rank, folder)
 
 
 def spawn(fn, folder):
-    """Run ``fn(rank, folder)`` in 2 processes that torchrun would have started."""
-    mp.spawn(_entry, args=(fn, _free_port(), str(folder)), nprocs=2, join=True)
+    """Run ``fn(rank, folder)`` in 2 processes that torchrun would have started. A worker that
+    joins a second process group in the same processes moves MASTER_PORT to
+    ``SSCD_TEST_SECOND_PORT`` first: a rank that left the first group early could otherwise
+    reach rank 0's first store while rank 0 is still closing it."""
+    mp.spawn(_entry, args=(fn, _free_ports(2), str(folder)), nprocs=2, join=True)
 
 
 def batch(seed):
@@ -145,6 +154,7 @@ def _trainers_worker(rank, folder):
     root = os.environ["SSCD_TEST_ROOT"]
     seeds = _record(folder, rank)
     train_ACDC_supervised.main(["--root_path", root, "--save_dir", f"{folder}/sup", *TINY, "--max_iterations", "3"])
+    os.environ["MASTER_PORT"] = os.environ["SSCD_TEST_SECOND_PORT"]  # a second process group (see spawn)
     train_ACDC_SSCD.main(["--root_path", root, "--save_dir", f"{folder}/sscd", *TINY, "--patch_size", "8",
                           "--pre_iterations", "3", "--stage_iterations", "3", "--hca_weights", "1,0,0,0"])
     torch.save(seeds, f"{folder}/seeds_rank{rank}.pt")
