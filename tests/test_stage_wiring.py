@@ -121,6 +121,18 @@ def test_cross_rampup_scales_exactly_the_cross_terms(synthetic_root, tmp_path, m
         assert torch.equal(ramped[key], plain[key])
 
 
+def test_cross_weight_flag_scales_exactly_the_cross_terms(synthetic_root, tmp_path, monkeypatch):
+    stage = ("--max_iterations", "100", "--cross_rampup", "0")
+    _, _, _, plain, _ = spied_step(synthetic_root, tmp_path / "a", monkeypatch, *stage)
+    _, _, _, scaled, _ = spied_step(synthetic_root, tmp_path / "b", monkeypatch, *stage, "--cross_weight", "0.25")
+    for key in ("cps1", "cps2", "cgsr1", "cgsr2", "disc1", "disc2"):
+        torch.testing.assert_close(scaled[key], 0.25 * plain[key], rtol=1e-6, atol=1e-9)
+    for key in ("mix1", "mix2"):
+        assert torch.equal(scaled[key], plain[key])
+    torch.testing.assert_close(scaled["loss"], plain["mix1"] + plain["mix2"] + 0.25 * (plain["loss"] - plain["mix1"]
+                                                                                       - plain["mix2"]))
+
+
 def test_cross_weight_schedule():
     assert cross_weight(5, 0) == 1.0
     assert cross_weight(0, 10) == pytest.approx(0.006737947, rel=1e-6)
@@ -184,6 +196,8 @@ def test_cross_bn_frozen_keeps_student_statistics_of_the_mixed_forward_only(synt
 def test_cross_flags_refused_where_they_would_do_nothing(synthetic_root, tmp_path, capsys):
     for flags, word in ((["--students", "1", "--displacement", "none", "--cross_cutout", "exclude"], "--cross_cutout"),
                         (["--students", "1", "--displacement", "none", "--cross_rampup", "0.5"], "--cross_rampup"),
+                        (["--students", "1", "--displacement", "none", "--cross_weight", "0.5"], "--cross_weight"),
+                        (["--cross_weight", "-0.1"], "--cross_weight -0.1: expected >= 0"),
                         (["--displacement", "none", "--cross_bn", "frozen"], "--cross_bn")):
         with pytest.raises(SystemExit):
             make_run(synthetic_root, tmp_path, *flags)

@@ -42,7 +42,7 @@ DEFAULT_PATCH_DIVISOR = 8
 # (flag, lowest, highest) of the SSCD weights and probabilities
 BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
                  ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")),
-                 ("cross_rampup", 0.0, 1.0))
+                 ("cross_rampup", 0.0, 1.0), ("cross_weight", 0.0, float("inf")))
 # --cross_rampup when not given: this fraction of each stage with two students, none with one (README:
 # the stage-1 ablation on real ACDC; a departure from the published method, which has no ramp-up)
 DEFAULT_CROSS_RAMPUP = 0.5
@@ -99,6 +99,8 @@ def add_sscd_args(p):
                    help="sigmoid ramp-up of the cross terms (CPS, CGSR, centre disc) over this fraction of each "
                         f"stage's iterations (0: full weight from the first iteration, the reference; default "
                         f"{DEFAULT_CROSS_RAMPUP} with two students, a departure; bcp/abd presets: 0)")
+    g.add_argument("--cross_weight", type=float, default=1.0,
+                   help="weight of the cross terms (CPS, CGSR, centre disc), times the ramp-up (1: the reference)")
     g.add_argument("--center_disc_stages", type=int, default=3,
                    help="use the centre-disc loss in the first N stages (0 disables)")
     g.add_argument("--validate_stage_start", choices=["on", "off"], default="on",
@@ -147,7 +149,8 @@ def check_sscd_args(parser, args):
     if args.init_checkpoint is not None and not Path(args.init_checkpoint).is_file():
         parser.error(f"--init_checkpoint {args.init_checkpoint}: file not found")
     unlabeled = args.batch_size - args.labeled_bs
-    crossed = {"--cross_cutout exclude": args.cross_cutout == "exclude", "--cross_rampup": args.cross_rampup > 0}
+    crossed = {"--cross_cutout exclude": args.cross_cutout == "exclude", "--cross_rampup": args.cross_rampup > 0,
+               "--cross_weight": args.cross_weight != 1.0}
     for flag in [f for f, on in crossed.items() if on and args.students == 1]:
         parser.error(f"{flag} acts on the cross terms between two students: it needs --students 2")
     if args.cross_bn == "frozen" and args.displacement == "none":
@@ -408,7 +411,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
             u_all = torch.cat([img for v in views for img in b["uimg" + v]])
             plab = pseudo_labels(teacher_forward(u_all), c, lcc_impl=a.lcc).split(half)
         box = bcp_box_mask(half, size, size, generator=gen, device=run.device)
-        w_cross = cross_weight(it, rampup)
+        w_cross = a.cross_weight * cross_weight(it, rampup)
         losses = parallel(lambda: losses_of(b, plab, box, w_cross))
         loss = sum(losses.values())
         run.update(loss, opts.values(), students)

@@ -1,0 +1,142 @@
+"""Ablation arms side by side: evaluated runs from several table folders, each under its own label.
+
+An arm is ``LABEL=TABLE[:METHOD]``: the runs under ``TABLE/runs`` (``scripts/run_table.py`` or
+``bench/compare_acdc.py`` output) whose config has ``--labelnum`` and, if given, ``METHOD``. Variants of
+one method trained into separate ``--out`` folders (the folder names repeat the method, so one table
+cannot hold them) are compared here. Per arm it prints the seeds, the val Dice of the final model
+(``eval_<split>/summary.json``, the test script's mean Dice; mean ± std over seeds, in %), the mean of
+the run's own validations from total iteration ``--window_from`` on (stage starts left out: they
+repeat the previous model), and, against ``--reference``, the per-seed difference of the final Dice
+over the seeds both arms hold (mean ± std, and in how many seeds the arm is ahead). Seeds are paired
+because a seed fixes the data order and, for arms that share a pre-training, the starting model.
+With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_mean_curves``).
+The last line is one JSON object.
+
+    python bench/compare_arms.py --labelnum 7 --reference labeled-only --window_from 1800 \\
+        --arm "labeled-only=results/acdc_cpu_2400_7:labeled_only" --arm "SSCD=results/acdc_cpu_2400_7:sscd" \\
+        --arm "one student=results/abl_onestudent" --figure curves.png
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "code"))
+from utils.curves import plot_mean_curves, read_history  # noqa: E402
+
+
+def parse_arm(text):
+    """``(label, table, method or None)`` from ``LABEL=TABLE[:METHOD]``."""
+    label, sep, rest = text.partition("=")
+    if not sep or not label or not rest:
+        raise ValueError(f"--arm {text!r}: expected LABEL=TABLE[:METHOD]")
+    table, _, method = rest.partition(":")
+    return label, Path(table), method or None
+
+
+def window_mean(history, start):
+    """Mean val Dice of the records at total iteration >= ``start``, without the stage starts
+    (iteration 0 of a phase after the first); NaN when none is left."""
+    first = history[0]["phase"] if history else None
+    values = [float(r["dice"]) for r in history if int(r["total_iteration"]) >= start
+              and not (r["phase"] != first and int(r["iteration"]) == 0)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def arm_runs(table, method, labelnum, split):
+    """``{seed: {"dice", "history", "config"}}`` for the evaluated runs of one arm."""
+    runs_dir = table / "runs"
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"{table}: no runs/ folder in it")
+    out = {}
+    for folder in sorted(p for p in runs_dir.iterdir() if (p / "config.yaml").is_file()):
+        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        summary = folder / f"eval_{split}" / "summary.json"
+        if int(config.get("labelnum", -1)) != labelnum or (method and config.get("method") != method) \
+                or not summary.is_file():
+            continue
+        seed = int(config["seed"])
+        if seed in out:
+            raise ValueError(f"{table}: two runs with seed {seed} ({folder.name}); give the arm a METHOD")
+        out[seed] = {"dice": 100 * float(json.loads(summary.read_text())["dice"]["mean"]),
+                     "history": read_history(folder), "config": config}
+    return out
+
+
+def mean_std(values):
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
+
+
+def summarise(arms, reference, window_from):
+    """One row per arm: label, seeds, final (mean, std), per_seed, window (mean, std) in %, and the
+    paired difference to the reference arm (``diff`` (mean, std), ``ahead``, ``paired``)."""
+    ref = arms.get(reference, {}) if reference else {}
+    rows = []
+    for label, runs in arms.items():
+        seeds = sorted(runs)
+        row = {"arm": label, "seeds": seeds, "final": mean_std([runs[s]["dice"] for s in seeds]),
+               "per_seed": [round(runs[s]["dice"], 1) for s in seeds],
+               "window": mean_std([100 * window_mean(runs[s]["history"], window_from) for s in seeds])}
+        paired = [s for s in seeds if s in ref]
+        if reference and label != reference and paired:
+            diffs = [runs[s]["dice"] - ref[s]["dice"] for s in paired]
+            row.update(diff=mean_std(diffs), ahead=sum(d > 0 for d in diffs), paired=paired)
+        rows.append(row)
+    return rows
+
+
+def _cell(pair):
+    mean, std = pair
+    return f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arm", action="append", required=True, help="LABEL=TABLE[:METHOD], one per arm")
+    p.add_argument("--labelnum", type=int, required=True, help="the labeled count to compare")
+    p.add_argument("--reference", default=None, help="label of the arm the others are paired against")
+    p.add_argument("--window_from", type=int, default=0,
+                   help="total iteration from which the validations are averaged")
+    p.add_argument("--split", default="val", help="evaluation split of the final model")
+    p.add_argument("--figure", default=None, help="PNG of the arms' mean learning curves")
+    args = p.parse_args(argv)
+    arms = {}
+    for text in args.arm:
+        try:
+            label, table, method = parse_arm(text)
+            if label in arms:
+                raise ValueError(f"--arm {text!r}: the label {label!r} is given twice")
+            arms[label] = arm_runs(table, method, args.labelnum, args.split)
+        except (ValueError, FileNotFoundError) as err:
+            p.error(str(err))
+        if not arms[label]:
+            p.error(f"--arm {text!r}: no evaluated run with --labelnum {args.labelnum}"
+                    + (f" and method {method}" if method else "") + f" under {table / 'runs'}")
+    if args.reference is not None and args.reference not in arms:
+        p.error(f"--reference {args.reference!r}: not one of the arm labels {list(arms)}")
+    rows = summarise(arms, args.reference, args.window_from)
+    print(f"| arm | seeds | final val Dice (%) | per seed | mean val Dice from it {args.window_from} (%) | "
+          f"paired difference to {args.reference or '—'} | ahead |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        diff = (f"{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}" if "diff" in r and not np.isnan(r["diff"][1])
+                else f"{r['diff'][0]:+.1f}" if "diff" in r else "—")
+        ahead = f"{r['ahead']} of {len(r['paired'])}" if "diff" in r else "—"
+        print(f"| {r['arm']} | {len(r['seeds'])} | {_cell(r['final'])} | {', '.join(map(str, r['per_seed']))} | "
+              f"{_cell(r['window'])} | {diff} | {ahead} |")
+    if args.figure:
+        curves = [{"method": label, "labelnum": args.labelnum, "config": run["config"], "history": run["history"]}
+                  for label, runs in arms.items() for run in runs.values()]
+        plot_mean_curves(curves, args.figure, order=list(arms))
+        print(f"figure: {args.figure}")
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
