@@ -6,13 +6,13 @@ one method trained into separate ``--out`` folders (the folder names repeat the 
 cannot hold them) are compared here. Per arm it prints the seeds, the val Dice of the final model
 (``eval_<split>/summary.json``, the test script's mean Dice; mean ± std over seeds, in %), the mean of
 the run's own validations from total iteration ``--window_from`` on (stage starts left out: they
-repeat the previous model), and, against ``--reference``, the per-seed difference of the final Dice
-over the seeds both arms hold (mean ± std, and in how many seeds the arm is ahead). Seeds are paired
+repeat the previous model), and, against each ``--reference`` arm, the per-seed difference of the
+final Dice over the seeds both arms hold (mean ± std, and in how many seeds the arm is ahead). Seeds are paired
 because a seed fixes the data order and, for arms that share a pre-training, the starting model.
 With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_mean_curves``).
 The last line is one JSON object.
 
-    python bench/compare_arms.py --labelnum 7 --reference labeled-only --window_from 1800 \\
+    python bench/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
         --arm "labeled-only=results/acdc_cpu_2400_7:labeled_only" --arm "SSCD=results/acdc_cpu_2400_7:sscd" \\
         --arm "one student=results/abl_onestudent" --figure curves.png
 """
@@ -72,20 +72,22 @@ def mean_std(values):
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
 
 
-def summarise(arms, reference, window_from):
-    """One row per arm: label, seeds, final (mean, std), per_seed, window (mean, std) in %, and the
-    paired difference to the reference arm (``diff`` (mean, std), ``ahead``, ``paired``)."""
-    ref = arms.get(reference, {}) if reference else {}
+def summarise(arms, references, window_from):
+    """One row per arm: label, seeds, final (mean, std), per_seed, window (mean, std) in %, and per
+    reference arm (``paired[ref]``) the per-seed difference of the final Dice over the seeds both
+    hold: ``{"diff": (mean, std), "ahead": k, "seeds": [...]}``."""
     rows = []
     for label, runs in arms.items():
         seeds = sorted(runs)
         row = {"arm": label, "seeds": seeds, "final": mean_std([runs[s]["dice"] for s in seeds]),
                "per_seed": [round(runs[s]["dice"], 1) for s in seeds],
-               "window": mean_std([100 * window_mean(runs[s]["history"], window_from) for s in seeds])}
-        paired = [s for s in seeds if s in ref]
-        if reference and label != reference and paired:
-            diffs = [runs[s]["dice"] - ref[s]["dice"] for s in paired]
-            row.update(diff=mean_std(diffs), ahead=sum(d > 0 for d in diffs), paired=paired)
+               "window": mean_std([100 * window_mean(runs[s]["history"], window_from) for s in seeds]),
+               "paired": {}}
+        for ref in references:
+            common = [s for s in seeds if s in arms[ref]]
+            if ref != label and common:
+                diffs = [runs[s]["dice"] - arms[ref][s]["dice"] for s in common]
+                row["paired"][ref] = {"diff": mean_std(diffs), "ahead": sum(d > 0 for d in diffs), "seeds": common}
         rows.append(row)
     return rows
 
@@ -95,11 +97,18 @@ def _cell(pair):
     return f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
+def _paired_cell(pair):
+    if pair is None:
+        return "—"
+    mean, std = pair["diff"]
+    return f"{mean:+.1f}" + ("" if np.isnan(std) else f" ± {std:.1f}") + f", {pair['ahead']} of {len(pair['seeds'])}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", action="append", required=True, help="LABEL=TABLE[:METHOD], one per arm")
     p.add_argument("--labelnum", type=int, required=True, help="the labeled count to compare")
-    p.add_argument("--reference", default=None, help="label of the arm the others are paired against")
+    p.add_argument("--reference", nargs="+", default=[], help="labels of the arms the others are paired against")
     p.add_argument("--window_from", type=int, default=0,
                    help="total iteration from which the validations are averaged")
     p.add_argument("--split", default="val", help="evaluation split of the final model")
@@ -117,18 +126,17 @@ def main(argv=None):
         if not arms[label]:
             p.error(f"--arm {text!r}: no evaluated run with --labelnum {args.labelnum}"
                     + (f" and method {method}" if method else "") + f" under {table / 'runs'}")
-    if args.reference is not None and args.reference not in arms:
-        p.error(f"--reference {args.reference!r}: not one of the arm labels {list(arms)}")
+    for ref in args.reference:
+        if ref not in arms:
+            p.error(f"--reference {ref!r}: not one of the arm labels {list(arms)}")
     rows = summarise(arms, args.reference, args.window_from)
     print(f"| arm | seeds | final val Dice (%) | per seed | mean val Dice from it {args.window_from} (%) | "
-          f"paired difference to {args.reference or '—'} | ahead |")
-    print("|---|---|---|---|---|---|---|")
+          + "".join(f"vs {ref}: paired difference, seeds ahead | " for ref in args.reference))
+    print("|---" * (5 + len(args.reference)) + "|")
     for r in rows:
-        diff = (f"{r['diff'][0]:+.1f} ± {r['diff'][1]:.1f}" if "diff" in r and not np.isnan(r["diff"][1])
-                else f"{r['diff'][0]:+.1f}" if "diff" in r else "—")
-        ahead = f"{r['ahead']} of {len(r['paired'])}" if "diff" in r else "—"
+        cells = [_paired_cell(r["paired"].get(ref)) for ref in args.reference]
         print(f"| {r['arm']} | {len(r['seeds'])} | {_cell(r['final'])} | {', '.join(map(str, r['per_seed']))} | "
-              f"{_cell(r['window'])} | {diff} | {ahead} |")
+              f"{_cell(r['window'])} | " + "".join(c + " | " for c in cells))
     if args.figure:
         curves = [{"method": label, "labelnum": args.labelnum, "config": run["config"], "history": run["history"]}
                   for label, runs in arms.items() for run in runs.values()]

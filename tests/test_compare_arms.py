@@ -59,7 +59,7 @@ def test_window_mean_leaves_out_stage_starts():
 def test_arms_side_by_side(tables, tmp_path, capsys):
     base, variant = tables
     figure = tmp_path / "curves.png"
-    assert arms.main(["--labelnum", "7", "--reference", "LO", "--window_from", "80", "--figure", str(figure),
+    assert arms.main(["--labelnum", "7", "--reference", "LO", "SSCD", "--window_from", "80", "--figure", str(figure),
                       "--arm", f"LO={base}:labeled_only", "--arm", f"SSCD={base}:sscd",
                       "--arm", f"variant={variant}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -67,16 +67,21 @@ def test_arms_side_by_side(tables, tmp_path, capsys):
     assert rows["LO"]["seeds"] == [1, 2] and rows["LO"]["final"] == pytest.approx([72.0, 2.828], abs=1e-3)
     # labeled-only from it 80: seed 1 (0.6, 0.7, 0.8) = 0.7, seed 2 (0.7, 0.6, 0.7) = 0.6667
     assert rows["LO"]["window"][0] == pytest.approx(100 * (0.7 + 2 / 3) / 2)
-    assert "diff" not in rows["LO"]
+    assert list(rows["LO"]["paired"]) == ["SSCD"] and rows["LO"]["paired"]["SSCD"]["diff"][0] == pytest.approx(3.0)
     # SSCD from it 80 without its stage start: seed 1 (0.5, 0.6, 0.7) = 0.6, seed 2 (0.6, 0.5, 0.6)
     assert rows["SSCD"]["window"][0] == pytest.approx(100 * (0.6 + 1.7 / 3) / 2)
-    assert rows["SSCD"]["diff"] == pytest.approx([-3.0, 7.071], abs=1e-3)  # +2, -8
-    assert rows["SSCD"]["ahead"] == 1 and rows["SSCD"]["paired"] == [1, 2]
+    to_lo = rows["SSCD"]["paired"]["LO"]
+    assert to_lo["diff"] == pytest.approx([-3.0, 7.071], abs=1e-3)  # +2, -8
+    assert to_lo["ahead"] == 1 and to_lo["seeds"] == [1, 2] and list(rows["SSCD"]["paired"]) == ["LO"]
     # seed 3 has no labeled-only partner: it counts in the arm's mean, not in the pairing
     assert rows["variant"]["final"][0] == pytest.approx(78.0)
-    assert rows["variant"]["paired"] == [1, 2] and rows["variant"]["diff"][0] == pytest.approx(7.0)
-    assert rows["variant"]["ahead"] == 2
-    assert "| variant | 3 | 78.0 ± 2.0 | 78.0, 80.0, 76.0 |" in "\n".join(out)
+    to_lo, to_sscd = rows["variant"]["paired"]["LO"], rows["variant"]["paired"]["SSCD"]
+    assert to_lo["seeds"] == [1, 2] and to_lo["diff"][0] == pytest.approx(7.0) and to_lo["ahead"] == 2
+    assert to_sscd["diff"] == pytest.approx([10.0, 5.657], abs=1e-3) and to_sscd["ahead"] == 2  # +6, +14
+    # from it 80 without the stage starts: (0.5, 0.8, 0.9), (0.6, 0.7, 0.7), (0.6, 0.7, 0.8)
+    assert rows["variant"]["window"] == pytest.approx([70.0, 3.333], abs=1e-3)
+    assert "| variant | 3 | 78.0 ± 2.0 | 78.0, 80.0, 76.0 | 70.0 ± 3.3 | +7.0 ± 1.4, 2 of 2 | +10.0 ± 5.7, 2 of 2 |" \
+        in "\n".join(out)
     assert figure.stat().st_size > 0
 
 
