@@ -222,7 +222,8 @@ class Run:
             raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
-                         + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()})"
+                         + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                            f"torch threads {torch.get_num_threads()}: runs with another thread count differ numerically)"
                             if self.device.type == "cpu" else ""))
 
     def _check_preprocessed(self):
