@@ -10,7 +10,7 @@ repeat the previous model), and, against each ``--reference`` arm, the per-seed 
 final Dice over the seeds both arms hold (mean ± std, and in how many seeds the arm is ahead). Seeds are paired
 because a seed fixes the data order and, for arms that share a pre-training, the starting model.
 With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_mean_curves``).
-The last line is one JSON object.
+The last line is a JSON array of the rows (an undefined std, of one seed, is null).
 
     python bench/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
         --arm "labeled-only=results/acdc_cpu_2400_7:labeled_only" --arm "SSCD=results/acdc_cpu_2400_7:sscd" \\
@@ -59,6 +59,8 @@ def arm_runs(table, method, labelnum, split):
         if int(config.get("labelnum", -1)) != labelnum or (method and config.get("method") != method) \
                 or not summary.is_file():
             continue
+        if config.get("seed") is None:
+            raise ValueError(f"{folder / 'config.yaml'}: no seed")
         seed = int(config["seed"])
         if seed in out:
             raise ValueError(f"{table}: two runs with seed {seed} ({folder.name}); give the arm a METHOD")
@@ -80,7 +82,7 @@ def summarise(arms, references, window_from):
     for label, runs in arms.items():
         seeds = sorted(runs)
         row = {"arm": label, "seeds": seeds, "final": mean_std([runs[s]["dice"] for s in seeds]),
-               "per_seed": [round(runs[s]["dice"], 1) for s in seeds],
+               "per_seed": {s: round(runs[s]["dice"], 1) for s in seeds},
                "window": mean_std([100 * window_mean(runs[s]["history"], window_from) for s in seeds]),
                "paired": {}}
         for ref in references:
@@ -92,9 +94,20 @@ def summarise(arms, references, window_from):
     return rows
 
 
+def _json_safe(value):
+    """``value`` with every NaN float replaced by None (strict JSON)."""
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _cell(pair):
     mean, std = pair
-    return f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+    return "—" if np.isnan(mean) else f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def _paired_cell(pair):
@@ -135,14 +148,15 @@ def main(argv=None):
     print("|---" * (5 + len(args.reference)) + "|")
     for r in rows:
         cells = [_paired_cell(r["paired"].get(ref)) for ref in args.reference]
-        print(f"| {r['arm']} | {len(r['seeds'])} | {_cell(r['final'])} | {', '.join(map(str, r['per_seed']))} | "
-              f"{_cell(r['window'])} | " + "".join(c + " | " for c in cells))
+        per_seed = ", ".join(f"s{k} {v}" for k, v in r["per_seed"].items())
+        print(f"| {r['arm']} | {len(r['seeds'])} | {_cell(r['final'])} | {per_seed} | {_cell(r['window'])} | "
+              + "".join(c + " | " for c in cells))
     if args.figure:
         curves = [{"method": label, "labelnum": args.labelnum, "config": run["config"], "history": run["history"]}
                   for label, runs in arms.items() for run in runs.values()]
         plot_mean_curves(curves, args.figure, order=list(arms))
         print(f"figure: {args.figure}")
-    print(json.dumps(rows))
+    print(json.dumps(_json_safe(rows), allow_nan=False))
     return 0
 
 

@@ -4,12 +4,14 @@ from), student 2 (the strong-view student, the cross-term teacher of student 1) 
 
 The runs' selection only ever scores student 1; this shows whether the networks that supervise it
 are better or worse than it. Each network is scored as the trainer validates (``utils.evaluation.
-Validator`` on ``--split`` at the run's image size, with its saved ``--amp`` and ``--channels_last``).
-Per run it prints one row per stage; then the mean over runs per stage and the mean difference of
-student 2 and of the teacher to student 1 (points of Dice, and in how many stage ends it is
-positive). The last line is one JSON object.
+Validator`` on ``--split`` at the run's image size, with its saved ``--amp`` and ``--channels_last``),
+on the CPU. Per run it prints one line with every stage's three scores; then the mean over runs per
+stage (over the runs that hold the network) and the mean difference of student 2 and of the teacher
+to student 1 (points of Dice, and in how many stage ends it is positive). The last line is one JSON
+object.
 
-    python bench/stage_networks.py --root_path ../shared/data/ACDC --runs DIR/runs/ACDC_sscd_7_s1 DIR/runs/ACDC_sscd_7_s2
+    python bench/stage_networks.py --root_path ../shared/data/ACDC \
+        --runs DIR/runs/ACDC_sscd_7_s1 DIR/runs/ACDC_sscd_7_s2
 """
 import argparse
 import json
@@ -92,7 +94,9 @@ def main(argv=None):
     p.add_argument("--split", default="val", help="val, or test where it is not withheld")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads {args.threads}: expected 1 or more")
         torch.set_num_threads(args.threads)
     results = {}
     for run in args.runs:

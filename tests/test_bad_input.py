@@ -238,7 +238,7 @@ def test_rerun_into_a_run_folder_refused_unless_overwrite(finished, synthetic_ro
     assert load_checkpoint(finished / "last.pth")["iteration"] == 2
     log = (finished / "log.txt").read_text()
     assert "OLD RUN" not in log
-    assert f"torch threads {torch.get_num_threads()}: runs with another thread count differ" in log
+    assert f"torch threads {torch.get_num_threads()}: runs with another thread count may differ" in log
     assert "--overwrite: removed best.pth, last.pth, tb, validations.jsonl, config.yaml, log.txt" in log
 
 

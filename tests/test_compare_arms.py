@@ -63,7 +63,7 @@ def test_arms_side_by_side(tables, tmp_path, capsys):
                       "--arm", f"LO={base}:labeled_only", "--arm", f"SSCD={base}:sscd",
                       "--arm", f"variant={variant}"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    rows = {r["arm"]: r for r in json.loads(out[-1])}
+    rows = {r["arm"]: r for r in strict_json(out[-1])}
     assert rows["LO"]["seeds"] == [1, 2] and rows["LO"]["final"] == pytest.approx([72.0, 2.828], abs=1e-3)
     # labeled-only from it 80: seed 1 (0.6, 0.7, 0.8) = 0.7, seed 2 (0.7, 0.6, 0.7) = 0.6667
     assert rows["LO"]["window"][0] == pytest.approx(100 * (0.7 + 2 / 3) / 2)
@@ -80,9 +80,25 @@ def test_arms_side_by_side(tables, tmp_path, capsys):
     assert to_sscd["diff"] == pytest.approx([10.0, 5.657], abs=1e-3) and to_sscd["ahead"] == 2  # +6, +14
     # from it 80 without the stage starts: (0.5, 0.8, 0.9), (0.6, 0.7, 0.7), (0.6, 0.7, 0.8)
     assert rows["variant"]["window"] == pytest.approx([70.0, 3.333], abs=1e-3)
-    assert "| variant | 3 | 78.0 ± 2.0 | 78.0, 80.0, 76.0 | 70.0 ± 3.3 | +7.0 ± 1.4, 2 of 2 | +10.0 ± 5.7, 2 of 2 |" \
-        in "\n".join(out)
+    line = ("| variant | 3 | 78.0 ± 2.0 | s1 78.0, s2 80.0, s3 76.0 | 70.0 ± 3.3 | +7.0 ± 1.4, 2 of 2 | "
+            "+10.0 ± 5.7, 2 of 2 |")
+    assert line in "\n".join(out)
     assert figure.stat().st_size > 0
+
+
+def strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_one_seed_arm_has_no_std_and_strict_json(tables, capsys):
+    base, variant = tables
+    assert arms.main(["--labelnum", "3", "--window_from", "500", "--arm", f"three={base}:sscd"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    (row,) = strict_json(out[-1])  # NaN (one seed; no validation from it 500) is written as null
+    assert row["final"] == [10.0, None] and row["window"] == [None, None] and row["per_seed"] == {"1": 10.0}
+    assert "| three | 1 | 10.0 | s1 10.0 | — |" in out[2]
 
 
 def test_bad_arms_are_named(tables, tmp_path, capsys):

@@ -61,7 +61,12 @@ def test_one_student_run_and_bad_folders(run, tmp_path, capsys):
     save_checkpoint(state, run / "stage_1" / "last.pth")
     assert networks.stage_weights(state).keys() == {"student_1", "teacher"}
     assert networks.main(["--runs", str(run)]) == 0
-    assert "—" in capsys.readouterr().out  # no student 2 at stage 1
+    out = capsys.readouterr().out
+    assert "—" in out  # no student 2 at stage 1
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["runs"][str(run)]["stage_1"]) == {"student_1", "teacher"}
+    assert result["gaps"]["student_2"][2] == 1 and result["gaps"]["teacher"][2] == 2  # stage ends compared
+    assert set(result["means"]["stage_1"]) == {"student_1", "teacher"}
     with pytest.raises(SystemExit):
         networks.main(["--runs", str(tmp_path / "nowhere")])
     assert "no config.yaml" in capsys.readouterr().err
@@ -71,3 +76,6 @@ def test_one_student_run_and_bad_folders(run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         networks.main(["--runs", str(empty)])
     assert "no stage_<k>/last.pth" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        networks.main(["--runs", str(run), "--threads", "0"])
+    assert "--threads 0: expected 1 or more" in capsys.readouterr().err

@@ -223,7 +223,8 @@ class Run:
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
                          + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                            f"torch threads {torch.get_num_threads()}: runs with another thread count differ numerically)"
+                            f"torch threads {torch.get_num_threads()}: "
+                            "runs with another thread count may differ numerically)"
                             if self.device.type == "cpu" else ""))
 
     def _check_preprocessed(self):
