@@ -22,11 +22,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 from utils.curves import plot_mean_curves, read_history  # noqa: E402
+from utils.report import mean_std, read_config  # noqa: E402
 
 
 def parse_arm(text):
@@ -54,7 +54,7 @@ def arm_runs(table, method, labelnum, split):
         raise FileNotFoundError(f"{table}: no runs/ folder in it")
     out = {}
     for folder in sorted(p for p in runs_dir.iterdir() if (p / "config.yaml").is_file()):
-        config = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+        config = read_config(folder)
         summary = folder / f"eval_{split}" / "summary.json"
         if int(config.get("labelnum", -1)) != labelnum or (method and config.get("method") != method) \
                 or not summary.is_file():
@@ -67,11 +67,6 @@ def arm_runs(table, method, labelnum, split):
         out[seed] = {"dice": 100 * float(json.loads(summary.read_text())["dice"]["mean"]),
                      "history": read_history(folder), "config": config}
     return out
-
-
-def mean_std(values):
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
 
 
 def summarise(arms, references, window_from):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
@@ -28,6 +27,7 @@ from dataloaders.dataset import load_volumes  # noqa: E402
 from networks.unet import build_model  # noqa: E402
 from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from utils.evaluation import Validator  # noqa: E402
+from utils.report import read_config  # noqa: E402
 from utils.run import AMP_DTYPES, Forward  # noqa: E402
 
 NETWORKS = ("student_1", "student_2", "teacher")
@@ -43,10 +43,9 @@ def stage_weights(state):
 def score_run(run_dir, root, split):
     """``[(stage, {network: val Dice})]`` for every ``stage_<k>/last.pth`` of one run, in stage order."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir}: no config.yaml (not a run folder)")
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = read_config(run_dir)
     stages = sorted((p for p in run_dir.glob("stage_*") if (p / "last.pth").is_file()),
                     key=lambda p: int(p.name.split("_")[1]))
     if not stages:
