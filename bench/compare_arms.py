@@ -13,7 +13,7 @@ With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_
 The last line is a JSON array of the rows (an undefined std, of one seed, is null).
 
     python bench/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
-        --arm "labeled-only=results/acdc_cpu_2400_7:labeled_only" --arm "SSCD=results/acdc_cpu_2400_7:sscd" \\
+        --arm "labeled-only=results/acdc_cpu_2400:labeled_only" --arm "SSCD=results/acdc_cpu_2400:sscd" \\
         --arm "one student=results/abl_onestudent" --figure curves.png
 """
 import argparse
