@@ -44,6 +44,9 @@ def spied_step(root, tmp_path, monkeypatch, *flags, teacher_weights=None):
         m.register_forward_pre_hook(lambda module, inputs, key=key: records["modes"].append((key, module.training)))
     records["stats"] = []  # student 1's BatchNorm running statistics right after each of its forwards
     m1 = models["model"]
+    records["cgsr_inputs"] = []  # student 1's inputs after its first forward (the CGSR images)
+    m1.register_forward_pre_hook(lambda module, inputs: records["cgsr_inputs"].append(inputs[0].clone())
+                                 if records["stats"] else None)
     m1.register_forward_hook(lambda module, inputs, out: records["stats"].append(
         {n: t.clone() for n, t in module.state_dict().items() if "running_" in n}))
     before = {k: copy.deepcopy(m) for k, m in models.items()}
@@ -180,6 +183,38 @@ def test_teacher_mode_train_uses_batch_statistics_and_keeps_buffers(synthetic_ro
         assert torch.equal(value, before["teacher"].state_dict()[key]), key
 
 
+def test_cross_source_teacher_gives_student_1_the_teachers_targets(synthetic_root, tmp_path, monkeypatch):
+    teacher_weights = other_weights()  # the teacher differs from both students: its targets can be told apart
+    rec, models, _, losses, _ = spied_step(synthetic_root, tmp_path, monkeypatch, "--cross_source", "teacher",
+                                           "--cross_cutout", "exclude", teacher_weights=teacher_weights)
+    teacher = build_model(4)
+    teacher.load_state_dict(teacher_weights)
+    teacher.eval().to(memory_format=torch.channels_last)
+
+    def teacher_map(x):
+        with torch.no_grad():
+            return class_argmax(torch.softmax(teacher(x.contiguous(memory_format=torch.channels_last)), 1))
+
+    x_weak = rec["_forward"].calls[0][0][1]  # student 1's mixed (weak) images
+    dice = rec["dice_loss"].calls
+    (p1, t1, _), kw1, _ = dice[0]
+    (p2, t2, _), _, _ = dice[1]
+    assert torch.equal(t1, teacher_map(x_weak)) and kw1.get("mask") is None  # no cutout in the weak view
+    assert not torch.equal(t1, class_argmax(p2.detach()))  # not student 2's any more
+    assert torch.equal(t2, class_argmax(p1.detach()))  # student 2 still learns from student 1
+    (q1, z_t, _), kw_q1, _ = dice[2]
+    (q2, z1, _), kw_q2, _ = dice[3]
+    # the CGSR images are the ones both students saw (the second forward of student 1: the hook's input)
+    x_swap = rec["cgsr_inputs"][0]
+    assert torch.equal(z_t, teacher_map(x_swap)) and torch.equal(z1, class_argmax(q1.detach()))
+    assert torch.equal(kw_q1["mask"], kw_q2["mask"])  # the cutout mask of the CGSR images still applies
+    (d1, dz, _), _, _ = rec["center_disc_dice"].calls[0]
+    assert d1 is q1 and torch.equal(dz, z_t)
+    # three teacher forwards, all in eval mode: pseudo-labels, the CPS target, the CGSR target
+    assert [training for key, training in rec["modes"] if key == "teacher"] == [False, False, False]
+    assert set(losses) == {"loss", "mix1", "mix2", "cps1", "cps2", "cgsr1", "cgsr2", "disc1", "disc2"}
+
+
 @pytest.mark.parametrize("mode", ["frozen", "update"])
 def test_cross_bn_frozen_keeps_student_statistics_of_the_mixed_forward_only(synthetic_root, tmp_path,
                                                                             monkeypatch, mode):
@@ -197,6 +232,7 @@ def test_cross_flags_refused_where_they_would_do_nothing(synthetic_root, tmp_pat
     for flags, word in ((["--students", "1", "--displacement", "none", "--cross_cutout", "exclude"], "--cross_cutout"),
                         (["--students", "1", "--displacement", "none", "--cross_rampup", "0.5"], "--cross_rampup"),
                         (["--students", "1", "--displacement", "none", "--cross_weight", "0.5"], "--cross_weight"),
+                        (["--students", "1", "--displacement", "none", "--cross_source", "teacher"], "--cross_source"),
                         (["--cross_weight", "-0.1"], "--cross_weight -0.1: expected >= 0"),
                         (["--displacement", "none", "--cross_bn", "frozen"], "--cross_bn")):
         with pytest.raises(SystemExit):

@@ -99,6 +99,10 @@ def add_sscd_args(p):
                    help="sigmoid ramp-up of the cross terms (CPS, CGSR, centre disc) over this fraction of each "
                         f"stage's iterations (0: full weight from the first iteration, the reference; default "
                         f"{DEFAULT_CROSS_RAMPUP} with two students, a departure; bcp/abd presets: 0)")
+    g.add_argument("--cross_source", choices=["student", "teacher"], default="student",
+                   help="where student 1's cross targets (CPS, CGSR, centre disc) come from: student 2's argmax (the "
+                        "reference) or the EMA teacher's argmax on student 1's own inputs (a departure; student 2 "
+                        "still learns from student 1)")
     g.add_argument("--cross_weight", type=float, default=1.0,
                    help="weight of the cross terms (CPS, CGSR, centre disc), times the ramp-up (1: the reference)")
     g.add_argument("--center_disc_stages", type=int, default=3,
@@ -150,7 +154,7 @@ def check_sscd_args(parser, args):
         parser.error(f"--init_checkpoint {args.init_checkpoint}: file not found")
     unlabeled = args.batch_size - args.labeled_bs
     crossed = {"--cross_cutout exclude": args.cross_cutout == "exclude", "--cross_rampup": args.cross_rampup > 0,
-               "--cross_weight": args.cross_weight != 1.0}
+               "--cross_weight": args.cross_weight != 1.0, "--cross_source teacher": args.cross_source == "teacher"}
     for flag in [f for f, on in crossed.items() if on and args.students == 1]:
         parser.error(f"{flag} acts on the cross terms between two students: it needs --students 2")
     if args.cross_bn == "frozen" and args.displacement == "none":
@@ -349,6 +353,12 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
     exclude_cutout = a.cross_cutout == "exclude" and len(students) == 2
+    from_teacher = a.cross_source == "teacher"
+
+    def teacher_argmax(x):
+        """The teacher's class map of ``x`` (no gradient; in train mode its buffers are kept)."""
+        with torch.no_grad(), frozen_bn_statistics(teacher):
+            return class_argmax(torch.softmax(teacher_forward(x), 1))
     stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
     gen = run.generator(a.seed + 1000 * stage)
     if resumables is not None:
@@ -373,8 +383,11 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
         noise = (torch.cat([mix(b["ucut"][0], b["cut"][0], box), mix(b["cut"][1], b["ucut"][1], box)])
                  if exclude_cutout else None)
         keep = None if noise is None else 1.0 - noise
-        if len(students) == 2:  # student 1's target is student 2's argmax, computed on the strong view
-            losses["cps1"] = w_cross * dice_loss(probs[0], argmax[1], c, mask=keep)
+        if len(students) == 2:  # student 1's target: student 2's argmax on the strong view, or the teacher's
+            if from_teacher:  # on student 1's own (weak) mixed images: no cutout noise in the target
+                losses["cps1"] = w_cross * dice_loss(probs[0], teacher_argmax(x[0]), c)
+            else:
+                losses["cps1"] = w_cross * dice_loss(probs[0], argmax[1], c, mask=keep)
             losses["cps2"] = w_cross * dice_loss(probs[1], argmax[0], c)
         if a.displacement != "none":
             direction, paste = DISPLACEMENTS[a.displacement]
@@ -394,10 +407,11 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
             with frozen_bn_statistics(*students) if a.cross_bn == "frozen" else nullcontext():
                 q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
             z1, z2 = class_argmax(q1.detach()), class_argmax(q2.detach())
-            losses["cgsr1"] = w_cross * dice_loss(q1, z2, c, mask=keep_swap)
+            t1 = teacher_argmax(x_swap) if from_teacher else z2  # student 1's CGSR target
+            losses["cgsr1"] = w_cross * dice_loss(q1, t1, c, mask=keep_swap)
             losses["cgsr2"] = w_cross * dice_loss(q2, z1, c, mask=keep_swap)
             if use_disc:
-                losses["disc1"] = w_cross * center_disc_dice(q1, z2, c, mask=keep_swap)
+                losses["disc1"] = w_cross * center_disc_dice(q1, t1, c, mask=keep_swap)
                 losses["disc2"] = w_cross * center_disc_dice(q2, z1, c, mask=keep_swap)
             x_s2w, x_w2s = x_s2w[:, :1], x_w2s[:, :1]
             vis.update(confidence=conf_w[:1], cgsr_weak=x_s2w[:1], cgsr_strong=x_w2s[:1])
