@@ -356,9 +356,10 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     from_teacher = a.cross_source == "teacher"
 
     def teacher_argmax(x):
-        """The teacher's class map of ``x`` (no gradient; in train mode its buffers are kept)."""
+        """The teacher's class map of ``x``: the argmax of its logits, as for its pseudo-labels (no gradient;
+        in train mode its buffers are kept)."""
         with torch.no_grad(), frozen_bn_statistics(teacher):
-            return class_argmax(torch.softmax(teacher_forward(x), 1))
+            return class_argmax(teacher_forward(x))
     stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
     gen = run.generator(a.seed + 1000 * stage)
     if resumables is not None:
