@@ -237,3 +237,35 @@ def test_interrupted_stage_resumes_exactly(synthetic_root, tmp_path, pretrained,
     train(synthetic_root, tmp_path / "cut", *flags)
     assert torch.equal(_all_weights(tmp_path / "cut" / "stage_1" / "last.pth"),
                        _all_weights(tmp_path / "full" / "stage_1" / "last.pth"))
+
+
+def test_stage_lr_is_the_curriculum_stages_rate_and_labeled_only_switches_after_pre_training(
+        synthetic_root, tmp_path, monkeypatch):
+    """--stage_lr: the SGD rate of every student in a curriculum stage, not of the pre-training
+    (--base_lr); labeled-only gets the same rate per iteration, from --pre_iterations + 1 on."""
+    from test_speed_paths import make_run
+    from networks.unet import build_model
+    init = build_model(4).state_dict()
+    for flags, stage_rate in (([], 0.02), (["--stage_lr", "0.003"], 0.003)):
+        run = make_run(synthetic_root, tmp_path / str(stage_rate), "--base_lr", "0.02", *flags)
+        data = run.train_data()
+        _, _, opts, _ = sscd_train.stage_step(run, 1, (1.0, 0.0, 0.0, 0.0), init, "init", data)
+        assert sorted(opts) == ["model", "model_2"]
+        assert all(g["lr"] == stage_rate for o in opts.values() for g in o.param_groups)
+        _, _, pre_opts = sscd_train.pretrain_step(run, data)
+        assert [g["lr"] for g in pre_opts["model"].param_groups] == [0.02]
+        run.close()
+    rates = []  # the rate of each labeled-only optimizer step
+    plain_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (rates.append(self.param_groups[0]["lr"]),
+                                                                        plain_step(self, *a, **k))[1])
+    train(synthetic_root, tmp_path / "lo", "--method", "labeled_only", "--pre_iterations", "2", "--hca_weights",
+          "0,0,0,1", "--stage_iterations", "2", "--val_interval", "4", "--base_lr", "0.02", "--stage_lr", "0.003")
+    assert rates == [0.02, 0.02, 0.003, 0.003]
+
+
+@pytest.mark.parametrize("value", ["0", "-0.01", "nan", "inf"])
+def test_bad_stage_lr_is_refused(synthetic_root, tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        train(synthetic_root, tmp_path, "--stage_lr", value)
+    assert "--stage_lr" in capsys.readouterr().err

@@ -287,10 +287,10 @@ class Run:
         """``distributed.Parallel`` over the trained networks (a plain call in a single process)."""
         return distributed.Parallel(students, self.device, find_unused)
 
-    def optimizer(self, model):
-        """SGD 0.01/0.9/1e-4 as the reference; the fused kernel on CUDA (one launch, and no host
-        read for the fp16 gradient scaler)."""
-        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr, momentum=0.9, weight_decay=1e-4,
+    def optimizer(self, model, lr=None):
+        """SGD 0.01/0.9/1e-4 as the reference (``lr`` default --base_lr); the fused kernel on CUDA (one
+        launch, and no host read for the fp16 gradient scaler)."""
+        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr if lr is None else lr, momentum=0.9, weight_decay=1e-4,
                                fused=True if self.device.type == "cuda" else None)
 
     def update(self, loss, optimizers, students):
@@ -317,9 +317,10 @@ class Run:
         distributed.teardown()
 
 
-def train_supervised(run, iterations=None):
+def train_supervised(run, iterations=None, lr_after=None):
     """Labeled-only baseline: CE + Dice on ``--labeled_bs`` labeled slices per iteration (weak aug),
-    for ``iterations`` (default ``--max_iterations``)."""
+    for ``iterations`` (default ``--max_iterations``); with ``lr_after = (n, lr)`` the learning rate
+    is ``lr`` from iteration n + 1 on (the SSCD trainer's --stage_lr after --pre_iterations)."""
     a = run.args
     iterations = iterations or a.max_iterations
     data, volumes = run.train_data(), run.val_volumes()
@@ -329,6 +330,9 @@ def train_supervised(run, iterations=None):
     stream = run.stream(data, a.labeled_bs, 0, strong=False, seed=a.seed)
 
     def step(it):
+        if lr_after is not None and it > lr_after[0]:
+            for group in opt.param_groups:
+                group["lr"] = lr_after[1]
         batch = next(stream)
         loss = parallel(lambda: ce_dice_loss(forward(batch["image"]), batch["label"], a.num_classes))
         run.update(loss, [opt], [model])

@@ -6,6 +6,7 @@ from (``--stage_init``: the previous phase's last weights, or its best on val.li
 pieces are the pure functions of ``utils.sscd`` and ``utils.losses``; this module wires them into
 training steps.
 """
+import math
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def add_sscd_args(p):
                         "still learns from student 1)")
     g.add_argument("--cross_weight", type=float, default=1.0,
                    help="weight of the cross terms (CPS, CGSR, centre disc), times the ramp-up (1: the reference)")
+    g.add_argument("--stage_lr", type=float, default=None,
+                   help="SGD learning rate of the curriculum stages (default --base_lr, the reference); with "
+                        "--method labeled_only from iteration --pre_iterations + 1 on, the same schedule per iteration")
     g.add_argument("--center_disc_stages", type=int, default=3,
                    help="use the centre-disc loss in the first N stages (0 disables)")
     g.add_argument("--validate_stage_start", choices=["on", "off"], default="on",
@@ -142,6 +146,10 @@ def check_sscd_args(parser, args):
         args.patch_size = args.image_size // PATCH_DIVISORS.get(args.method, DEFAULT_PATCH_DIVISOR)
     if args.patch_size < 1:
         parser.error(f"--patch_size {args.patch_size}: expected a positive region side")
+    if args.stage_lr is None:
+        args.stage_lr = args.base_lr
+    if not (math.isfinite(args.stage_lr) and args.stage_lr > 0):
+        parser.error(f"--stage_lr {args.stage_lr}: expected a positive finite learning rate")
     if args.stage_iterations < 1:
         parser.error(f"--stage_iterations {args.stage_iterations}: every curriculum stage needs at least 1 iteration")
     if args.pre_iterations < 0:
@@ -349,7 +357,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     parallel = run.parallel(students, find_unused=a.ds_weight <= 0)  # untrained heads get no gradient
     views = ["", "_strong"][:len(students)]
     rampup = round(a.cross_rampup * a.stage_iterations[stage - 1])  # iterations of the cross-term ramp-up
-    opts = {name: run.optimizer(models[name]) for name in names if name != "teacher"}
+    opts = {name: run.optimizer(models[name], lr=a.stage_lr) for name in names if name != "teacher"}
     half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
     use_disc = stage <= a.center_disc_stages
     exclude_cutout = a.cross_cutout == "exclude" and len(students) == 2
@@ -467,7 +475,7 @@ def train_sscd(run, stages):
     ``save_dir/best.pth`` and returns its path."""
     a = run.args
     if a.method == "labeled_only":
-        train_supervised(run, a.total_iterations)
+        train_supervised(run, a.total_iterations, lr_after=(a.pre_iterations, a.stage_lr))
         return Path(run.save_dir) / "best.pth"
     data, volumes = run.train_data(), run.val_volumes()
     save_dir = Path(run.save_dir)
