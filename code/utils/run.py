@@ -290,8 +290,8 @@ class Run:
     def optimizer(self, model, lr=None):
         """SGD 0.01/0.9/1e-4 as the reference (``lr`` default --base_lr); the fused kernel on CUDA (one
         launch, and no host read for the fp16 gradient scaler)."""
-        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr if lr is None else lr, momentum=0.9, weight_decay=1e-4,
-                               fused=True if self.device.type == "cuda" else None)
+        return torch.optim.SGD(model.parameters(), lr=self.args.base_lr if lr is None else lr, momentum=0.9,
+                               weight_decay=1e-4, fused=True if self.device.type == "cuda" else None)
 
     def update(self, loss, optimizers, students):
         """Backward of ``loss`` (scaled with --amp fp16), one step of each optimizer, then the
