@@ -39,6 +39,11 @@ def test_dice_hand_value_unmasked():
     expected = (d(1.8, 1.30, 3.0) + d(0.8, 1.30, 1.0)) / 2
     assert math.isclose(expected, (0.7 / 4.3 + 0.7 / 2.3) / 2, rel_tol=1e-4)
     assert dice_loss(PROBS, TARGET, 2).item() == pytest.approx(expected, rel=1e-6)
+    # the mask-free path equals an all-ones mask bit for bit, for any layout of the probabilities
+    probs = torch.softmax(torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0)), 1)
+    target = torch.randint(0, 4, (3, 16, 16), generator=torch.Generator().manual_seed(1))
+    for p in (probs, probs.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(dice_loss(p, target, 4), dice_loss(p, target, 4, mask=torch.ones(3, 16, 16)))
 
 
 def test_dice_hand_value_masked():

@@ -16,13 +16,19 @@ DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 class ConvBlock(nn.Sequential):
-    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU."""
+    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU.
+
+    The LeakyReLUs work in place on the BatchNorm outputs, which nothing else reads (BatchNorm's
+    backward uses its input): with a positive slope the backward from the result equals the one
+    from the input, so the gradients are bit-identical, and the U-Net's forward + backward at 256^2
+    takes ~13 % less time on the CPU (fewer full-size activations; bench/README.md).
+    """
 
     def __init__(self, in_ch, out_ch, dropout):
         super().__init__(
-            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(inplace=True),
             nn.Dropout(dropout),
-            nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(inplace=True),
         )
 
 

@@ -43,14 +43,12 @@ def dice_loss(probs, target, num_classes, mask=None, eps=1e-5):
     """
     _check(probs, target, num_classes, mask)
     t = one_hot(target, num_classes, probs.dtype)
-    if mask is None:
-        m = torch.ones_like(probs[:, :1])
-    else:
-        m = mask.to(probs.dtype).unsqueeze(1)
     dims = (0, 2, 3)
-    inter = (probs * t * m).sum(dims)
-    s_sum = (probs * probs * m).sum(dims)
-    t_sum = (t * t * m).sum(dims)
+    if mask is None:  # m = 1: the products with it are skipped (exact)
+        inter, s_sum, t_sum = (probs * t).sum(dims), (probs * probs).sum(dims), t.sum(dims)
+    else:  # t is 0/1, so t^2 m = t m exactly
+        m = mask.to(probs.dtype).unsqueeze(1)
+        inter, s_sum, t_sum = (probs * t * m).sum(dims), (probs * probs * m).sum(dims), (t * m).sum(dims)
     per_class = 1.0 - (2.0 * inter + eps) / (s_sum + t_sum + eps)
     return per_class.mean()
 
