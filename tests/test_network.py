@@ -1,6 +1,9 @@
 """Tests for networks.unet: size, output shapes, the three deep-supervision heads, input checks."""
+import copy
+
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from networks.unet import UNet, build_model
@@ -104,10 +107,6 @@ def test_sizes_not_divisible_by_16_rejected(model, shape):
 def test_in_place_activations_give_the_out_of_place_gradients(memory_format):
     """The in-place LeakyReLUs (a speed-up) change nothing: the forward outputs and every parameter's
     gradient equal bit for bit those of the same network with out-of-place activations."""
-    import copy
-
-    import torch.nn as nn
-
     torch.manual_seed(3)
     fast = build_model(4).to(memory_format=memory_format).train()
     slow = copy.deepcopy(fast)
