@@ -358,7 +358,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     views = ["", "_strong"][:len(students)]
     rampup = round(a.cross_rampup * a.stage_iterations[stage - 1])  # iterations of the cross-term ramp-up
     opts = {name: run.optimizer(models[name], lr=a.stage_lr) for name in names if name != "teacher"}
-    half, c, size, patch = a.labeled_bs // 2, a.num_classes, a.image_size, a.patch_size
+    half, c, size = a.labeled_bs // 2, a.num_classes, a.image_size
     use_disc = stage <= a.center_disc_stages
     exclude_cutout = a.cross_cutout == "exclude" and len(students) == 2
     from_teacher = a.cross_source == "teacher"
@@ -399,31 +399,10 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
                 losses["cps1"] = w_cross * dice_loss(probs[0], argmax[1], c, mask=keep)
             losses["cps2"] = w_cross * dice_loss(probs[1], argmax[0], c)
         if a.displacement != "none":
-            direction, paste = DISPLACEMENTS[a.displacement]
-            with torch.no_grad():  # HCA confidence -> Decouple -> CGSR on the mixed images
-                (conf_w, cls_w), (conf_s, cls_s) = [hca_maps([h.detach() for h in o], weights, a.hca_combine)
-                                                    for o in outs]
-                # the noise map travels with the images as a second channel through the same replacement
-                x_w, x_s = (x[0], x[1]) if noise is None else (torch.cat([x[0], torch.zeros_like(x[0])], 1),
-                                                              torch.cat([x[1], noise[:, None]], 1))
-                x_s2w, x_w2s, info = cgsr(
-                    x_w, x_s, region_hardness(conf_w, patch, a.rank_by), region_hardness(conf_s, patch, a.rank_by),
-                    region_means(cls_w, patch), region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen,
-                    direction=direction, paste=paste)
-            x_swap = torch.cat([x_s2w, x_w2s])
-            keep_swap = None if noise is None else (x_swap[:, 1] == 0).to(x_swap.dtype)
-            x_swap = x_swap[:, :1]
-            with frozen_bn_statistics(*students) if a.cross_bn == "frozen" else nullcontext():
-                q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
-            z1, z2 = class_argmax(q1.detach()), class_argmax(q2.detach())
-            t1 = teacher_argmax(x_swap) if from_teacher else z2  # student 1's CGSR target
-            losses["cgsr1"] = w_cross * dice_loss(q1, t1, c, mask=keep_swap)
-            losses["cgsr2"] = w_cross * dice_loss(q2, z1, c, mask=keep_swap)
-            if use_disc:
-                losses["disc1"] = w_cross * center_disc_dice(q1, t1, c, mask=keep_swap)
-                losses["disc2"] = w_cross * center_disc_dice(q2, z1, c, mask=keep_swap)
-            x_s2w, x_w2s = x_s2w[:, :1], x_w2s[:, :1]
-            vis.update(confidence=conf_w[:1], cgsr_weak=x_s2w[:1], cgsr_strong=x_w2s[:1])
+            cross, shown = _displacement_losses(a, weights, outs, x, noise, forwards, students,
+                                                teacher_argmax if from_teacher else None, gen, w_cross, use_disc)
+            losses.update(cross)
+            vis.update(shown)
         vis.update(image=x[0][:1], pred=argmax[0][:1], pseudo=plab[0][:1])
         return losses
 
@@ -449,6 +428,42 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
             writer.add_image(f"{tag}/{key}", img.float().cpu(), it)
 
     return step, models, opts, images
+
+
+def _displacement_losses(a, weights, outs, x, noise, forwards, students, teacher_argmax, gen, w_cross, use_disc):
+    """The displacement terms of a two-student stage: HCA confidence (``weights``) -> Decouple -> CGSR
+    (or ABD's displacement, ``--displacement``) on the mixed images ``x`` of the two students, whose
+    outputs (heads and main) are ``outs``; then each student on the displaced images, supervised by the
+    other's argmax (student 1 by ``teacher_argmax`` of them when given), plus the centre-disc terms when
+    ``use_disc``. ``noise``: the strong view's cutout-noise map of the mixed images (its pixels give no
+    target), or None. Returns ``(losses, images)``, ``images`` the first sample's confidence map and
+    displaced images for tensorboard.
+    """
+    c, patch = a.num_classes, a.patch_size
+    direction, paste = DISPLACEMENTS[a.displacement]
+    with torch.no_grad():  # HCA confidence -> Decouple -> CGSR on the mixed images
+        (conf_w, cls_w), (conf_s, cls_s) = [hca_maps([h.detach() for h in o], weights, a.hca_combine) for o in outs]
+        # the noise map travels with the images as a second channel through the same replacement
+        x_w, x_s = (x[0], x[1]) if noise is None else (torch.cat([x[0], torch.zeros_like(x[0])], 1),
+                                                      torch.cat([x[1], noise[:, None]], 1))
+        x_s2w, x_w2s, info = cgsr(
+            x_w, x_s, region_hardness(conf_w, patch, a.rank_by), region_hardness(conf_s, patch, a.rank_by),
+            region_means(cls_w, patch), region_means(cls_s, patch), patch, a.top_num, a.cgsr_kl_prob, gen,
+            direction=direction, paste=paste)
+    x_swap = torch.cat([x_s2w, x_w2s])
+    keep_swap = None if noise is None else (x_swap[:, 1] == 0).to(x_swap.dtype)
+    x_swap = x_swap[:, :1]
+    with frozen_bn_statistics(*students) if a.cross_bn == "frozen" else nullcontext():
+        q1, q2 = torch.softmax(forwards[0](x_swap), 1), torch.softmax(forwards[1](x_swap), 1)
+    z1, z2 = class_argmax(q1.detach()), class_argmax(q2.detach())
+    t1 = z2 if teacher_argmax is None else teacher_argmax(x_swap)  # student 1's CGSR target
+    losses = {"cgsr1": w_cross * dice_loss(q1, t1, c, mask=keep_swap),
+              "cgsr2": w_cross * dice_loss(q2, z1, c, mask=keep_swap)}
+    if use_disc:
+        losses["disc1"] = w_cross * center_disc_dice(q1, t1, c, mask=keep_swap)
+        losses["disc2"] = w_cross * center_disc_dice(q2, z1, c, mask=keep_swap)
+    images = {"confidence": conf_w[:1], "cgsr_weak": x_s2w[:1, :1], "cgsr_strong": x_w2s[:1, :1]}
+    return losses, images
 
 
 def self_train_stage(run, stage, weights, init_path, save_dir, iterations, data, volumes):
