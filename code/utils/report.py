@@ -1,7 +1,7 @@
 """The comparison table: aggregate evaluated runs into ``results.md`` and ``results.csv``.
 
 A *runs folder* holds one folder per run, named ``<dataset>_<method>_<labelnum>_s<seed>``
-(``scripts/run_table.py`` writes them), each with the trainer's ``config.yaml`` and, per
+(``experiments/run_table.py`` writes them), each with the trainer's ``config.yaml`` and, per
 evaluated split, ``eval_<split>/summary.json`` and ``eval_<split>/cases.csv`` (from
 ``code/test_<dataset>.py``).
 

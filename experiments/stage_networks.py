@@ -10,7 +10,7 @@ stage (over the runs that hold the network) and the mean difference of student 2
 to student 1 (points of Dice, and in how many stage ends it is positive). The last line is one JSON
 object.
 
-    python bench/stage_networks.py --root_path ../shared/data/ACDC \
+    python experiments/stage_networks.py --root_path ../shared/data/ACDC \
         --runs DIR/runs/ACDC_sscd_7_s1 DIR/runs/ACDC_sscd_7_s2
 """
 import argparse
