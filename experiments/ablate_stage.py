@@ -42,7 +42,8 @@ VARIANTS = {
 }
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=("ACDC", "PROMISE12"), default="ACDC",
@@ -58,6 +59,11 @@ def main(argv=None):
     p.add_argument("--val_interval", type=int, default=40)
     p.add_argument("--base_lr", type=float, default=0.025)
     p.add_argument("--jobs", type=int, default=2)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args, extra = p.parse_known_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:

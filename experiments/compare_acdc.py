@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "experiments"))
 import run_table  # noqa: E402
 
 
-def main(argv=None, runner=None):
-    """The comparison; ``runner`` replaces run_table's subprocess runner (tests)."""
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root_path", required=True, help="processed ACDC root")
@@ -42,6 +42,12 @@ def main(argv=None, runner=None):
                    help="the same for all; higher than the 30k-iteration default 0.01 because the CPU budget is short")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    return p
+
+
+def main(argv=None, runner=None):
+    """The comparison; ``runner`` replaces run_table's subprocess runner (tests)."""
+    p = build_parser()
     args, extra = p.parse_known_args(argv)
     flags = ["--image_size", str(args.image_size), "--batch_size", "8", "--labeled_bs", "4",
              "--pre_iterations", str(args.pre_iterations), "--max_iterations", str(args.max_iterations),

@@ -112,7 +112,8 @@ def _paired_cell(pair):
     return f"{mean:+.1f}" + ("" if np.isnan(std) else f" ± {std:.1f}") + f", {pair['ahead']} of {len(pair['seeds'])}"
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", action="append", required=True, help="LABEL=TABLE[:METHOD], one per arm")
     p.add_argument("--labelnum", type=int, required=True, help="the labeled count to compare")
@@ -121,6 +122,11 @@ def main(argv=None):
                    help="total iteration from which the validations are averaged")
     p.add_argument("--split", default="val", help="evaluation split of the final model")
     p.add_argument("--figure", default=None, help="PNG of the arms' mean learning curves")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     arms = {}
     for text in args.arm:

@@ -93,9 +93,15 @@ def summarise(table):
     return rows
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", required=True, help="a run_table/compare_acdc output folder (holding runs/)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     runs_dir = Path(args.table) / "runs"
     if not runs_dir.is_dir():
