@@ -102,7 +102,7 @@ def test_shared_script_lists_only_its_differences(rendered):
 # --------------------------------------------------------------------------------------------
 def slug(heading):
     """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
