@@ -164,3 +164,29 @@ def test_dead_link_check_finds_dead_files_and_anchors(tmp_path):
                                           "page.md: other.md#nowhere (no such heading)",
                                           "page.md: nothere.png (no such file)",
                                           "page.md: docs/none.md (no such file)"]
+
+
+# --------------------------------------------------------------------------------------------
+# names cited in docs/method.md
+# --------------------------------------------------------------------------------------------
+def cited_names(text):
+    """(file, name) of each ``test_x.py::test_y`` and ``package.module.function`` cited in ``text``."""
+    tests = [(f"tests/{f}", n) for f, n in re.findall(r"(test_\w+\.py)::(test_\w+)", text)]
+    code = [(f"code/{pkg}/{mod}.py", n)
+            for pkg, mod, n in re.findall(r"`(utils|dataloaders|networks)\.(\w+)\.(\w+)", text)]
+    return tests + code
+
+
+def test_functions_and_tests_cited_in_method_md_exist():
+    cited = cited_names((REPO / "docs" / "method.md").read_text())
+    assert len(cited) > 40
+    missing = [f"{f}: {n}" for f, n in cited
+               if not re.search(rf"^\s*(def|class) {n}\b", (REPO / f).read_text(), re.M)]
+    assert missing == []
+
+
+def test_cited_names_are_found_and_a_wrong_one_is_missing(tmp_path):
+    text = "`utils.sscd.cgsr` and `test_sscd.py::test_cgsr_branches`, `utils.sscd.no_such_function`"
+    assert cited_names(text) == [("tests/test_sscd.py", "test_cgsr_branches"), ("code/utils/sscd.py", "cgsr"),
+                                 ("code/utils/sscd.py", "no_such_function")]
+    assert not re.search(r"^\s*(def|class) no_such_function\b", (REPO / "code/utils/sscd.py").read_text(), re.M)
