@@ -26,7 +26,8 @@ from utils.sscd_train import pretrain_step, stage_step  # noqa: E402
 from utils.speed import cpu_description  # noqa: E402
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--root_path", default=None, help="an ACDC-layout root (default: synthetic, temporary)")
@@ -41,6 +42,11 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--top", type=int, default=25)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)

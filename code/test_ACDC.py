@@ -8,8 +8,13 @@ from utils.testing import run_test, test_parser
 CLASSES = ("RV", "Myo", "LV")
 
 
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
+    return test_parser(__doc__.splitlines()[0])
+
+
 def main(argv=None):
-    args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     return run_test(args, CLASSES)
 
 

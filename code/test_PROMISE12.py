@@ -26,12 +26,17 @@ def describe(root, name=None):
     return f"prostate MRI in the PROMISE12 layout, preprocessed from {source or Path(root).resolve()}"
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     parser = test_parser(__doc__.splitlines()[0])
     parser.add_argument("--data_name", default=None,
                         help="name of the data set the results are reported under "
                              "(e.g. 'NCI-ISBI 2013 prostate (PROMISE12 layout)')")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     return run_test(args, CLASSES, describe_data=lambda root: describe(root, args.data_name))
 
 

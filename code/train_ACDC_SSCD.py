@@ -2,8 +2,13 @@
 
     python code/train_ACDC_SSCD.py --root_path data/ACDC --labelnum 7
 """
-from utils.cli import train_main
+from utils.cli import sscd_parser, train_main
 from utils.errors import run_cli
+
+
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
+    return sscd_parser("ACDC", __doc__.splitlines()[0])
 
 
 def main(argv=None):

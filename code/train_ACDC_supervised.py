@@ -7,9 +7,15 @@ from utils.errors import run_cli
 from utils.run import Run, train_supervised
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     parser = base_parser(__doc__.splitlines()[0], "ACDC", num_classes=4, labelnum=7)
     parser.set_defaults(exp="ACDC_supervised")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     run = Run(parse_args(parser, argv), "ACDC")
     try:
         train_supervised(run)

@@ -5,8 +5,13 @@
 
 --labelnum counts cases: the labeled set is every slice of the first --labelnum cases of train.list.
 """
-from utils.cli import train_main
+from utils.cli import sscd_parser, train_main
 from utils.errors import run_cli
+
+
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
+    return sscd_parser("PROMISE12", __doc__.splitlines()[0])
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ if str(CODE) not in sys.path:
 
 
 def load_script(relative):
-    """The module of a script outside the package (``bench/ablate_stage.py``, ``scripts/run_table.py``)."""
+    """The module of a script outside the package (``experiments/ablate_stage.py``, ``experiments/run_table.py``)."""
     path = REPO / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""bench/compare_arms.py: arms from several table folders, on hand-made run folders."""
+"""experiments/compare_arms.py: arms from several table folders, on hand-made run folders."""
 import json
 
 import pytest
@@ -6,7 +6,7 @@ import yaml
 
 from conftest import load_script
 
-arms = load_script("bench/compare_arms.py")
+arms = load_script("experiments/compare_arms.py")
 
 
 def record(phase, iteration, total, dice):

@@ -131,7 +131,7 @@ def test_stage_init_last_continues_from_the_last_weights(synthetic_root, tmp_pat
 
 
 def test_ablate_stage_runs_each_variant_from_one_checkpoint(synthetic_root, tmp_path, capsys):
-    ablate = load_script("bench/ablate_stage.py")
+    ablate = load_script("experiments/ablate_stage.py")
     pre = tmp_path / "pre"
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(pre), *TINY])
     status = ablate.main(["--root_path", str(synthetic_root), "--init_checkpoint", str(pre / "pretrain" / "best.pth"),

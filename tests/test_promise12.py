@@ -288,8 +288,8 @@ def test_labeled_only_method_through_the_promise12_script(source, tmp_path):
 
 
 def test_stage_ablation_runs_the_promise12_trainer(generated, tmp_path, capsys):
-    """bench/ablate_stage.py --dataset PROMISE12 trains stage 1 with the 2-class trainer, from the checkpoint."""
-    ablate = load_script("bench/ablate_stage.py")
+    """experiments/ablate_stage.py --dataset PROMISE12 trains stage 1 with the 2-class trainer, from the checkpoint."""
+    ablate = load_script("experiments/ablate_stage.py")
     _, root, _ = generated
     tiny_run(root, tmp_path / "pre", "--amp", "off")
     start = load_checkpoint(tmp_path / "pre" / "pretrain" / "best.pth")["best_dice"]

@@ -1,4 +1,4 @@
-"""Tests for scripts/run_table.py: the commands it prints with --dry_run, resuming (evaluated runs are
+"""Tests for experiments/run_table.py: the commands it prints with --dry_run, resuming (evaluated runs are
 skipped, trained ones only evaluated), failures reported with a non-zero exit, and flag checks. The
 trainer and test script are replaced by a fake runner that writes what they would write."""
 import csv
@@ -12,7 +12,7 @@ import yaml
 from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-run_table = load_script("scripts/run_table.py")
+run_table = load_script("experiments/run_table.py")
 
 PASS = ["--image_size", "32", "--batch_size", "8", "--labeled_bs", "4", "--pre_iterations", "20"]
 CLASSES = ("RV", "Myo", "LV")
@@ -212,7 +212,7 @@ def test_stage_iterations_refused_for_methods_with_different_stage_counts(tmp_pa
 
 
 def test_compare_acdc_is_run_table_with_cpu_scale_flags(tmp_path, capsys):
-    compare = load_script("bench/compare_acdc.py")
+    compare = load_script("experiments/compare_acdc.py")
     runner = FakeRunner()
     compare.main(["--root_path", str(tmp_path), "--out", str(tmp_path / "cmp"), "--seeds", "1", "2",
                   "--labelnums", "1"], runner=runner)

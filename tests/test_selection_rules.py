@@ -1,4 +1,4 @@
-"""bench/selection_rules.py: the val Dice of the final model under each selection rule, re-read
+"""experiments/selection_rules.py: the val Dice of the final model under each selection rule, re-read
 from hand-made validation logs."""
 import json
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import selection_rules  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""bench/stage_networks.py: the three networks of each stage's last.pth scored as the trainer validates."""
+"""experiments/stage_networks.py: the three networks of each stage's last.pth scored as the trainer validates."""
 import json
 
 import pytest
@@ -11,7 +11,7 @@ from networks.unet import build_model
 from utils.checkpoint import FORMAT, save_checkpoint
 from utils.evaluation import Validator
 
-networks = load_script("bench/stage_networks.py")
+networks = load_script("experiments/stage_networks.py")
 SIZE = 32
 
 

@@ -206,14 +206,20 @@ def preprocess_acdc(raw, out, splits=None):
     }
 
 
-def main(argv=None):
-    """Command line: preprocess the official ACDC release."""
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     parser = argparse.ArgumentParser(description="Convert the official ACDC release to the SSL4MIS h5 layout.")
     parser.add_argument(
         "--raw", required=True, type=Path, help="official ACDC folder (patientXXX/ or training/, testing/)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--splits", type=Path, default=None, help="folder with train.list, val.list, test.list")
+    return parser
+
+
+def main(argv=None):
+    """Command line: preprocess the official ACDC release."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     summary = preprocess_acdc(args.raw, args.out, args.splits)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))

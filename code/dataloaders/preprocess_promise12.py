@@ -399,8 +399,8 @@ def _swap_in(partial, out):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv=None):
-    """Command-line entry point."""
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--raw", required=True, help="folder with CaseXX.mhd + CaseXX_segmentation.mhd")
     parser.add_argument("--out", required=True, help="output folder (processed h5 layout)")
@@ -409,6 +409,12 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", default=None, help="process only these case ids")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out folder that holds a dataset made with other settings or cases")
+    return parser
+
+
+def main(argv=None):
+    """Command-line entry point."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     summary = preprocess_promise12(args.raw, args.out, args.image_size, args.clahe, args.cases, args.overwrite)

@@ -247,8 +247,8 @@ def make_synthetic_acdc(
     return root
 
 
-def main(argv=None):
-    """Command line: generate a synthetic ACDC-layout data set."""
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     parser = argparse.ArgumentParser(description="Write a synthetic data set in the processed-ACDC layout.")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--patients", type=int, default=12, help="number of patients (all splits)")
@@ -258,6 +258,12 @@ def main(argv=None):
     parser.add_argument("--size", type=int, nargs=2, default=(96, 88), metavar=("H", "W"), help="slice size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic set")
+    return parser
+
+
+def main(argv=None):
+    """Command line: generate a synthetic ACDC-layout data set."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     root = make_synthetic_acdc(
         args.out, args.patients, args.val, args.test, args.slices, tuple(args.size), args.seed, args.overwrite

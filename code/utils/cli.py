@@ -8,12 +8,18 @@ from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_
 DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}
 
 
-def train_main(dataset, description, argv=None):
-    """Parse the flags (preset < --config < command line), run pre-training and every stage, and
-    return the final checkpoint's path (also logged)."""
+def sscd_parser(dataset, description):
+    """The flags of an SSCD trainer for ``dataset`` (docs/flags.md is generated from this parser)."""
     num_classes, labelnum = DATASETS[dataset]
     parser = add_sscd_args(base_parser(description, dataset, num_classes=num_classes, labelnum=labelnum))
     parser.set_defaults(exp=f"{dataset}_SSCD", max_iterations=None)
+    return parser
+
+
+def train_main(dataset, description, argv=None):
+    """Parse the flags (preset < --config < command line), run pre-training and every stage, and
+    return the final checkpoint's path (also logged)."""
+    parser = sscd_parser(dataset, description)
     args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
     run = Run(args, dataset, run_outputs(args, len(stages)))

@@ -87,7 +87,7 @@ def mix_loss(logits, target_out, target_in, box_mask, weight_out, weight_in, num
       structure cut by the box edge leaves a few-pixel fragment in one region whose Dice weighs as
       much as a whole structure. On real ACDC (7 labeled patients, 128^2, 600 pre-training
       iterations at lr 0.05) the pre-training reached best val Dice 0.41 with it against 0.61 with
-      ``joint`` (README, "Mix-loss Dice").
+      ``joint`` (docs/results.md, 2.5; docs/method.md, "The mix-loss Dice").
 
     (Reference: pseudo-labeled region weight u_weight = 0.5, ground-truth region 1.0; its masked
     Dice scored only background and class 1, defect D1.)

@@ -1,7 +1,7 @@
 """The comparison table: aggregate evaluated runs into ``results.md`` and ``results.csv``.
 
 A *runs folder* holds one folder per run, named ``<dataset>_<method>_<labelnum>_s<seed>``
-(``scripts/run_table.py`` writes them), each with the trainer's ``config.yaml`` and, per
+(``experiments/run_table.py`` writes them), each with the trainer's ``config.yaml`` and, per
 evaluated split, ``eval_<split>/summary.json`` and ``eval_<split>/cases.csv`` (from
 ``code/test_<dataset>.py``).
 
@@ -485,7 +485,8 @@ def curve_runs(runs_dir):
     return out
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description="Aggregate evaluated runs into results.md and results.csv.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--runs", required=True, help="folder holding the run folders (<dataset>_<method>_<n>_s<seed>)")
@@ -493,6 +494,11 @@ def main(argv=None):
     p.add_argument("--published", action="store_true", help="add the published ACDC rows (quoted)")
     p.add_argument("--split", default=None, help="only this evaluation split (default: every eval_<split> found)")
     p.add_argument("--strict", action="store_true", help="exit with status 1 when a run is missing or failed")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         rows, problems = build_report(args.runs, args.out, args.published, args.split)

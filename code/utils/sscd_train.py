@@ -44,8 +44,8 @@ DEFAULT_PATCH_DIVISOR = 8
 BOUNDED_FLAGS = (("u_weight", 0.0, float("inf")), ("ds_weight", 0.0, float("inf")), ("ema_decay", 0.0, 1.0),
                  ("cgsr_kl_prob", 0.0, 1.0), ("center_disc_stages", 0, float("inf")),
                  ("cross_rampup", 0.0, 1.0), ("cross_weight", 0.0, float("inf")))
-# --cross_rampup when not given: this fraction of each stage with two students, none with one (README:
-# the stage-1 ablation on real ACDC; a departure from the published method, which has no ramp-up)
+# --cross_rampup when not given: this fraction of each stage with two students, none with one (docs/results.md,
+# 2.4: the stage-1 ablation on real ACDC; a departure from the published method, which has no ramp-up)
 DEFAULT_CROSS_RAMPUP = 0.5
 # --displacement -> (cgsr direction, paste shape)
 DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "square")}

@@ -4,14 +4,14 @@ Every method gets the same flags (128², batch 8 = 4 labeled + 4 unlabeled; the 
 trains on the 4 labeled slices), the same total iterations (``--pre_iterations`` + ``--max_iterations``
 self-training, split over each method's stages; the baseline gets the sum), validation every
 ``--val_interval`` iterations and at each stage's start, and a fresh run folder. Runs go through
-``scripts/run_table.py`` (the same code path as the full table), ``--jobs`` of them at once with one thread
+``experiments/run_table.py`` (the same code path as the full table), ``--jobs`` of them at once with one thread
 each; the table is resumable (evaluated runs are skipped, unfinished ones resumed). It prints the
 per-method mean ± std over seeds and ends with one JSON line ``{"<method>_<labelnum>": {"mean", "std",
 "seeds"}, ...}`` (val Dice). ``results.md``, ``results.csv``, ``learning_curves.png`` and ``learning_curves_mean.png``
 are in ``--out``.
 
-    python bench/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/compare_acdc
-    python bench/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/table --labelnums 3 7 \\
+    python experiments/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/compare_acdc
+    python experiments/compare_acdc.py --root_path ../shared/data/ACDC --out /tmp/table --labelnums 3 7 \\
         --seeds 1 2 3 --methods labeled_only bcp abd sscd
 """
 import argparse
@@ -21,12 +21,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "experiments"))
 import run_table  # noqa: E402
 
 
-def main(argv=None, runner=None):
-    """The comparison; ``runner`` replaces run_table's subprocess runner (tests)."""
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--root_path", required=True, help="processed ACDC root")
@@ -42,6 +42,12 @@ def main(argv=None, runner=None):
                    help="the same for all; higher than the 30k-iteration default 0.01 because the CPU budget is short")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    return p
+
+
+def main(argv=None, runner=None):
+    """The comparison; ``runner`` replaces run_table's subprocess runner (tests)."""
+    p = build_parser()
     args, extra = p.parse_known_args(argv)
     flags = ["--image_size", str(args.image_size), "--batch_size", "8", "--labeled_bs", "4",
              "--pre_iterations", str(args.pre_iterations), "--max_iterations", str(args.max_iterations),

@@ -10,7 +10,7 @@ stage (over the runs that hold the network) and the mean difference of student 2
 to student 1 (points of Dice, and in how many stage ends it is positive). The last line is one JSON
 object.
 
-    python bench/stage_networks.py --root_path ../shared/data/ACDC \
+    python experiments/stage_networks.py --root_path ../shared/data/ACDC \
         --runs DIR/runs/ACDC_sscd_7_s1 DIR/runs/ACDC_sscd_7_s2
 """
 import argparse
@@ -86,12 +86,18 @@ def summarise(results):
     return means, gaps
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", required=True, help="SSCD run folders (holding stage_<k>/last.pth)")
     p.add_argument("--root_path", default=None, help="processed dataset root (default: the run's --root_path)")
     p.add_argument("--split", default="val", help="val, or test where it is not withheld")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:

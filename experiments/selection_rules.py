@@ -1,8 +1,8 @@
 """What the model-selection rules do to a finished table: every run's logged validations re-read
 under each rule, without training again.
 
-For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``scripts/run_table.py``
-or ``bench/compare_acdc.py`` output), its ``validations.jsonl`` records (``utils.curves.read_history``)
+For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``experiments/run_table.py``
+or ``experiments/compare_acdc.py`` output), its ``validations.jsonl`` records (``utils.curves.read_history``)
 give the val Dice the final model would have under:
 
 - ``best_stage``: the best validation of the whole run (this code's default ``--final best_stage``
@@ -18,7 +18,7 @@ trainer's selection score (mean foreground Dice on val.list at validation), not 
 metrics in ``results.md``. Per method and labeled count it prints mean ± std over seeds (in %) and, per
 seed, the phase that holds the run's best validation; the last line is one JSON object.
 
-    python bench/selection_rules.py --table results/acdc_cpu
+    python experiments/selection_rules.py --table results/acdc_cpu
 """
 import argparse
 import json
@@ -93,9 +93,15 @@ def summarise(table):
     return rows
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--table", required=True, help="a run_table/compare_acdc output folder (holding runs/)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     runs_dir = Path(args.table) / "runs"
     if not runs_dir.is_dir():

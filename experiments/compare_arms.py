@@ -1,7 +1,7 @@
 """Ablation arms side by side: evaluated runs from several table folders, each under its own label.
 
-An arm is ``LABEL=TABLE[:METHOD]``: the runs under ``TABLE/runs`` (``scripts/run_table.py`` or
-``bench/compare_acdc.py`` output) whose config has ``--labelnum`` and, if given, ``METHOD``. Variants of
+An arm is ``LABEL=TABLE[:METHOD]``: the runs under ``TABLE/runs`` (``experiments/run_table.py`` or
+``experiments/compare_acdc.py`` output) whose config has ``--labelnum`` and, if given, ``METHOD``. Variants of
 one method trained into separate ``--out`` folders (the folder names repeat the method, so one table
 cannot hold them) are compared here. Per arm it prints the seeds, the val Dice of the final model
 (``eval_<split>/summary.json``, the test script's mean Dice; mean ± std over seeds, in %), the mean of
@@ -12,7 +12,7 @@ because a seed fixes the data order and, for arms that share a pre-training, the
 With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_mean_curves``).
 The last line is a JSON array of the rows (an undefined std, of one seed, is null).
 
-    python bench/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
+    python experiments/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
         --arm "labeled-only=results/acdc_cpu_2400:labeled_only" --arm "SSCD=results/acdc_cpu_2400:sscd" \\
         --arm "one student=results/abl_onestudent" --figure curves.png
 """
@@ -112,7 +112,8 @@ def _paired_cell(pair):
     return f"{mean:+.1f}" + ("" if np.isnan(std) else f" ± {std:.1f}") + f", {pair['ahead']} of {len(pair['seeds'])}"
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arm", action="append", required=True, help="LABEL=TABLE[:METHOD], one per arm")
     p.add_argument("--labelnum", type=int, required=True, help="the labeled count to compare")
@@ -121,6 +122,11 @@ def main(argv=None):
                    help="total iteration from which the validations are averaged")
     p.add_argument("--split", default="val", help="evaluation split of the final model")
     p.add_argument("--figure", default=None, help="PNG of the arms' mean learning curves")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     arms = {}
     for text in args.arm:

@@ -1,6 +1,6 @@
 """Run the comparison table: methods x labeled counts x seeds, one training budget, then the report.
 
-    python scripts/run_table.py --dataset ACDC --root_path data/ACDC --methods labeled_only bcp abd sscd \\
+    python experiments/run_table.py --dataset ACDC --root_path data/ACDC --methods labeled_only bcp abd sscd \\
         --labelnums 3 7 --seeds 1 2 3 --split val --out results/acdc -- --image_size 256 --max_iterations 30000
 
 Every run is two subprocesses, launched from the repository root:

@@ -9,9 +9,9 @@ and every ``--val_interval``. Runs are resumable (``--resume``; a finished one i
 val Dice at the start, after each validation, their mean after the start, and the best; the last
 line is one JSON object.
 
-    python bench/ablate_stage.py --root_path ../shared/data/ACDC --init_checkpoint PRE/pretrain/best.pth \\
+    python experiments/ablate_stage.py --root_path ../shared/data/ACDC --init_checkpoint PRE/pretrain/best.pth \\
         --out /tmp/ablation --seeds 1337 2
-    python bench/ablate_stage.py --dataset PROMISE12 --root_path P12 --init_checkpoint ... --out ... --base_lr 0.05
+    python experiments/ablate_stage.py --dataset PROMISE12 --root_path P12 --init_checkpoint ... --out ... --base_lr 0.05
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "experiments"))
 import run_table  # noqa: E402
 from utils.curves import read_history  # noqa: E402
 
@@ -42,7 +42,8 @@ VARIANTS = {
 }
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=("ACDC", "PROMISE12"), default="ACDC",
@@ -58,6 +59,11 @@ def main(argv=None):
     p.add_argument("--val_interval", type=int, default=40)
     p.add_argument("--base_lr", type=float, default=0.025)
     p.add_argument("--jobs", type=int, default=2)
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args, extra = p.parse_known_args(argv)
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
