@@ -52,7 +52,7 @@ DISPLACEMENTS = {"cgsr": ("hard_into_easy", "disc"), "abd": ("easy_into_hard", "
 
 
 def add_sscd_args(p):
-    """The SSCD flags (defaults: the paper/reference values; see README)."""
+    """The SSCD flags (defaults: the paper/reference values; docs/method.md; every flag: docs/flags.md)."""
     p.add_argument("--method", choices=sorted(PRESETS), default="sscd",
                    help="preset: sscd (the full method), bcp, abd, or labeled_only (the baseline row)")
     g = p.add_argument_group("SSCD")
@@ -119,8 +119,8 @@ def add_sscd_args(p):
                         "(the reference); equal scores with --validate_stage_start on")
     g.add_argument("--stage_init", choices=["best", "last"], default="last",
                    help="what each curriculum stage starts from: the previous phase's last weights (training "
-                        "continues; a departure, chosen by the ACDC table in README) or its best-on-val checkpoint "
-                        "(the reference); --final best_stage considers the pre-training's best too")
+                        "continues; a departure, chosen by the ACDC table in docs/results.md) or its best-on-val "
+                        "checkpoint (the reference); --final best_stage considers the pre-training's best too")
     g.add_argument("--start_stage", type=int, default=0, help="0: pre-training; k: begin at curriculum stage k")
     g.add_argument("--init_checkpoint", default=None,
                    help="weights the first run stage starts from (default: the previous stage's "
