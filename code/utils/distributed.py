@@ -125,11 +125,12 @@ def sync_buffers(modules):
         b.copy_(value.view_as(b))
 
 
-def buffer_sync_kwargs(ddp_class=DistributedDataParallel):
+def buffer_sync_kwargs(ddp_class=None):
     """The keyword that stops ``ddp_class`` from broadcasting rank 0's buffers before each forward:
     ``forward_sync_buffers=False`` where the constructor has it (torch 2.13 and later),
-    ``broadcast_buffers=False`` on older releases (a TypeError there otherwise)."""
-    params = inspect.signature(ddp_class.__init__).parameters
+    ``broadcast_buffers=False`` on older releases (a TypeError there otherwise). ``ddp_class``:
+    default the ``DistributedDataParallel`` that ``Parallel`` builds."""
+    params = inspect.signature((ddp_class or DistributedDataParallel).__init__).parameters
     if "forward_sync_buffers" in params:
         return {"forward_sync_buffers": False}
     return {"broadcast_buffers": False}
@@ -163,7 +164,7 @@ class Parallel:
         if world_size() > 1:
             self.ddp = DistributedDataParallel(
                 _Holder(modules), device_ids=[device] if device.type == "cuda" else None,
-                find_unused_parameters=find_unused, **buffer_sync_kwargs())
+                find_unused_parameters=find_unused, **buffer_sync_kwargs(DistributedDataParallel))
 
     def __call__(self, fn):
         return fn() if self.ddp is None else self.ddp(fn)
