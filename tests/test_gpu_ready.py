@@ -176,6 +176,20 @@ def test_the_trainer_records_the_resolved_default(synthetic_root, tmp_path, keep
     assert devmod.current_backend_flags()["conv_tf32"] is False  # --amp off: IEEE fp32 convolutions
 
 
+def test_tf32_switch_on_both_torch_apis():
+    """torch >= 2.9 has ``cudnn.conv.fp32_precision`` (the legacy flag may not be mixed with it);
+    older releases only ``cudnn.allow_tf32``."""
+    new = types.SimpleNamespace(conv=types.SimpleNamespace(fp32_precision="tf32"))
+    devmod.set_conv_tf32(False, new)
+    assert new.conv.fp32_precision == "ieee" and not hasattr(new, "allow_tf32")
+    assert devmod.conv_tf32_allowed(new) is False
+    devmod.set_conv_tf32(True, new)
+    assert new.conv.fp32_precision == "tf32" and devmod.conv_tf32_allowed(new) is True
+    old = types.SimpleNamespace(allow_tf32=True)
+    devmod.set_conv_tf32(False, old)
+    assert old.allow_tf32 is False and devmod.conv_tf32_allowed(old) is False
+
+
 # ---------------------------------------------------------------- 6: the fp16 GradScaler
 
 def test_scaler_state_round_trip():
@@ -260,7 +274,7 @@ def test_training_without_tensorboardx(synthetic_root, tmp_path, monkeypatch, ca
     monkeypatch.setattr(utils.engine, "SummaryWriter", None)
     train_ACDC_supervised.main(tiny_args(synthetic_root, tmp_path / "run", 2, 1, 1))
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "tensorboardX is not installed" in log and "it 2 val Dice" in log
+    assert "neither tensorboardX nor tensorboard is installed" in log and "it 2 val Dice" in log
     assert load_checkpoint(tmp_path / "run" / "last.pth")["iteration"] == 2
     assert not (tmp_path / "run" / "tb").exists()
 

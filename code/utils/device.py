@@ -47,22 +47,25 @@ def backend_flags(deterministic, amp, device):
             "deterministic_algorithms": cuda and deterministic, "conv_tf32": amp != "off"}
 
 
-def _set_conv_tf32(allowed):
-    """Allow or forbid TF32 in cuDNN fp32 convolutions (the fp32_precision API where torch has it:
-    mixing it with the legacy ``allow_tf32`` flag is an error there)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
+def set_conv_tf32(allowed, cudnn=None):
+    """Allow or forbid TF32 in cuDNN fp32 convolutions: ``cudnn.conv.fp32_precision`` where torch has
+    it (mixing it with the legacy flag is an error there), else the legacy ``cudnn.allow_tf32``.
+    ``cudnn``: default ``torch.backends.cudnn``."""
+    cudnn = torch.backends.cudnn if cudnn is None else cudnn
+    conv = getattr(cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
         conv.fp32_precision = "tf32" if allowed else "ieee"
     else:
-        torch.backends.cudnn.allow_tf32 = allowed
+        cudnn.allow_tf32 = allowed
 
 
-def conv_tf32_allowed():
-    """Whether cuDNN fp32 convolutions may use TF32 now."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
+def conv_tf32_allowed(cudnn=None):
+    """Whether cuDNN fp32 convolutions may use TF32 now (either API, as ``set_conv_tf32``)."""
+    cudnn = torch.backends.cudnn if cudnn is None else cudnn
+    conv = getattr(cudnn, "conv", None)
     if conv is not None and hasattr(conv, "fp32_precision"):
         return conv.fp32_precision != "ieee"
-    return bool(torch.backends.cudnn.allow_tf32)
+    return bool(cudnn.allow_tf32)
 
 
 def apply_backend_flags(flags):
@@ -72,7 +75,7 @@ def apply_backend_flags(flags):
     if flags["deterministic_algorithms"]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     torch.use_deterministic_algorithms(flags["deterministic_algorithms"], warn_only=True)
-    _set_conv_tf32(flags["conv_tf32"])
+    set_conv_tf32(flags["conv_tf32"])
 
 
 def current_backend_flags():

@@ -34,7 +34,10 @@ from utils.device import fit_generator_state, match_state_layout
 try:  # optional: the GPU machine of the device check has no tensorboardX (validations.jsonl has the curves)
     from tensorboardX import SummaryWriter
 except ImportError:
-    SummaryWriter = None
+    try:  # torch's own writer, where the tensorboard package is installed
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        SummaryWriter = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,12 +81,12 @@ class NullWriter:
 
 
 def summary_writer(folder, logger=None):
-    """A tensorboardX SummaryWriter on ``folder``, or a ``NullWriter`` (with a logged warning) when
-    tensorboardX is not installed."""
+    """A tensorboardX (else torch.utils.tensorboard) SummaryWriter on ``folder``, or a ``NullWriter``
+    (with a logged warning) when neither tensorboardX nor tensorboard is installed."""
     if SummaryWriter is not None:
         return SummaryWriter(str(folder))
     if logger:
-        logger.warning(f"tensorboardX is not installed: no tensorboard logs in {folder} (the validations are "
+        logger.warning(f"neither tensorboardX nor tensorboard is installed: no tensorboard logs in {folder} (the validations are "
                        f"in {VAL_HISTORY} and log.txt)")
     return NullWriter()
 
