@@ -51,7 +51,9 @@ def test_dry_run_end_to_end(tmp_path):
         assert run["iterations"] == iterations and run["it_s_wall"] > 0
         assert 0.0 <= run["val_dice"] <= 1.0 and len(run["val_dice_per_class"]) == 3
         assert summary[f"{name}_val_dice"] == run["val_dice"]
-        assert run["progress"]["validations"] >= 2 and run["progress"]["best_val_dice"] is not None
+        assert run["progress"]["best_val_dice"] is not None
+    # validations: each part's end, and each stage's start (--validate_stage_start on)
+    assert result["phases"]["sscd"]["progress"]["validations"] >= 1 + 2 * device_check.STAGES
     assert (logs / "sscd_stage_5_validations.jsonl").is_file()
     assert plan["self_iterations"] >= device_check.STAGES and plan["pre_iterations"] >= 2
     assert json.loads(proc.stdout.splitlines()[-2]) == summary
