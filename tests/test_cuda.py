@@ -132,6 +132,26 @@ def test_single_process_nccl_ddp_step(monkeypatch):
         dist.destroy_process_group()
 
 
+def test_foreach_ema_matches_the_per_tensor_loop_on_cuda():
+    """The multi-tensor kernels of ``ema_update`` against ``t.mul_(a).add_(s, alpha=1 - a)`` per
+    tensor, bit for bit (as on the CPU: tests/test_ema.py)."""
+    from utils.ema import ema_update
+    torch.manual_seed(0)
+    teacher, student = build_model(CLASSES).to(CUDA), build_model(CLASSES).to(CUDA)
+    reference = build_model(CLASSES).to(CUDA)
+    reference.load_state_dict(teacher.state_dict())
+    ema_update(teacher, student, 0.99)
+    with torch.no_grad():
+        s_state = student.state_dict()
+        for key, t in reference.state_dict().items():
+            if t.is_floating_point():
+                t.mul_(0.99).add_(s_state[key], alpha=1.0 - 0.99)
+            else:
+                t.copy_(s_state[key])
+    for key, value in reference.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value), key
+
+
 def test_compile_matches_eager():
     torch.manual_seed(0)
     model = build_model(CLASSES).to(CUDA).eval()
