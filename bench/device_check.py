@@ -108,8 +108,9 @@ def pack_data(source, dest, slices):
     size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2 ** 20
     if size > MAX_PACK_MIB:
         shutil.rmtree(dest)
-        raise SystemExit(f"--pack_data {dest}: {slices} slices come to {size:.1f} MiB, more than the {MAX_PACK_MIB:.0f} "
-                         f"MiB that leave room for the wheels in the device's 64 MiB; give fewer --slices")
+        raise SystemExit(f"--pack_data {dest}: {slices} slices come to {size:.1f} MiB, more than the "
+                         f"{MAX_PACK_MIB:.0f} MiB that leave room for the wheels in the device's 64 MiB; "
+                         f"give fewer --slices")
     print(f"{dest}: {slices} training slices and {len((source / 'val.list').read_text().split())} val volumes, "
           f"{size:.1f} MiB")
 

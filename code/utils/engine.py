@@ -68,7 +68,7 @@ def seed_everything(seed):
 
 
 class NullWriter:
-    """Stands in for tensorboardX's SummaryWriter where tensorboardX is not installed."""
+    """Stands in for a SummaryWriter where neither tensorboardX nor tensorboard is installed."""
 
     def add_scalar(self, *args, **kwargs):
         pass
@@ -86,8 +86,8 @@ def summary_writer(folder, logger=None):
     if SummaryWriter is not None:
         return SummaryWriter(str(folder))
     if logger:
-        logger.warning(f"neither tensorboardX nor tensorboard is installed: no tensorboard logs in {folder} (the validations are "
-                       f"in {VAL_HISTORY} and log.txt)")
+        logger.warning(f"neither tensorboardX nor tensorboard is installed: no tensorboard logs in {folder} "
+                       f"(the validations are in {VAL_HISTORY} and log.txt)")
     return NullWriter()
 
 
