@@ -15,6 +15,8 @@ blocks (all block times are in the JSON). Pre-training is timed without and with
 20 validation volumes of 10 slices at 216x256, like ACDC's) unless --root_path is given. The last
 line is one JSON object (it names the CPU: model, torch's capability, native-bf16 flags); see
 bench/README.md. Progress (which block of which path, how long it took) goes to stderr as it happens.
+cuDNN autotuning/determinism and TF32 are process-wide: each path's own settings (``Run.backend_flags``)
+are set again before each of its blocks, and the JSON records the settings its blocks ran under.
 
     python bench/bench_train.py --device cpu --image_size 128 --batch_size 8 --path both
     python bench/bench_train.py --device cuda --image_size 256 --batch_size 24 --path fast
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from dataloaders.synthetic import make_synthetic_acdc  # noqa: E402
 from utils.config import base_parser, parse_args  # noqa: E402
+from utils.device import apply_backend_flags, current_backend_flags  # noqa: E402
 from utils.run import Run  # noqa: E402
 from utils.speed import auto_amp, cpu_description  # noqa: E402
 from utils.sscd import parse_hca_schedule  # noqa: E402
@@ -86,7 +89,7 @@ def trainer_argv(a, path, root, save_dir):
             "--patch_size", str(a.image_size // 8), "--device", a.device]
     if path == "plain":
         return argv + ["--aug_device", "loader", "--num_workers", str(a.num_workers), "--amp", "off",
-                       "--channels_last", "off", "--lcc", "scipy"]
+                       "--channels_last", "off", "--lcc", "scipy", "--deterministic", "1"]
     return argv + ["--aug_device", "device", "--amp", a.amp, "--channels_last", a.channels_last, "--lcc", a.lcc,
                    "--deterministic", "0"] + (["--compile"] if compile_on(a) else [])
 
@@ -114,10 +117,18 @@ class BenchPath:
         self.name, self.run, self.data = name, run, run.train_data()
         self.volumes = run.val_volumes()
         self.times = {}
+        self.flags_seen = []  # the backend settings each timed block ran under (distinct ones)
         self.it = 0
+
+    def use_flags(self):
+        """Set this path's process-wide backend settings (the other path may have changed them)."""
+        apply_backend_flags(self.run.backend_flags)
 
     def time_block(self, key, step, n, first_it):
         """Seconds for ``n`` iterations of ``step`` (iteration numbers from ``first_it``)."""
+        self.use_flags()
+        if current_backend_flags() not in self.flags_seen:
+            self.flags_seen.append(current_backend_flags())
         synchronize(self.run.device)
         t0 = time.perf_counter()
         for k in range(n):
@@ -149,6 +160,7 @@ def peak_memory_mb(device):
 def interleave(paths, key, step_of, a, first_it):
     """Warm up every path, then time ``a.repeats`` blocks per path, alternating between paths."""
     for p in paths:
+        p.use_flags()
         t0 = time.perf_counter()
         for k in range(a.warmup):
             step_of(p)(first_it + k)
@@ -176,6 +188,7 @@ def bench(a, root, folder):
     interleave(paths, "self_train", lambda p: stage_steps[p.name], a, 1)
     results = {}
     for p in paths:
+        p.use_flags()
         t0 = time.perf_counter()
         flops = count_flops(pre_steps[p.name], sda_start + 1), count_flops(stage_steps[p.name], 1)
         progress(f"{p.name} FLOP count (one pre-training and one self-training step): "
@@ -208,6 +221,7 @@ def summarize(p, a, val_s, pre_flops, self_flops):
         "settings": {k: p.run.config[k] for k in ("aug_device", "amp", "channels_last", "compile", "lcc",
                                                    "deterministic")},
         "block_s": {k: [round(t, 3) for t in v] for k, v in p.times.items()},
+        "backend_flags": p.flags_seen,
     }
 
 

@@ -17,6 +17,17 @@ if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``cuda`` (pytest.ini) where torch sees no CUDA device."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device (bench/device_check.sh runs these on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def load_script(relative):
     """The module of a script outside the package (``experiments/ablate_stage.py``, ``experiments/run_table.py``)."""
     path = REPO / relative

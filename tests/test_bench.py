@@ -53,3 +53,17 @@ def test_profile_prints_the_top_operators(tiny_root, capsys, step):
     header = next(line for line in out.splitlines() if " s/step under the profiler" in line)
     assert header.startswith(f"{step}: ") and "'amp': 'off'" in header and "cpu_capability" in header
     assert "aten::convolution_backward" in out and "Self CPU time total" in out
+
+
+def test_each_path_runs_under_its_own_backend_flags(tiny_root):
+    """cuDNN's flags are process-wide and the plain path is built after the fast one: every timed
+    block must still run under its own path's settings (fast: autotuned, non-deterministic; plain:
+    deterministic, and IEEE fp32 convolutions for its --amp off), and the JSON must say so."""
+    out = bench_train.main([*TINY, "--root_path", str(tiny_root), "--path", "both", "--iterations", "1",
+                            "--repeats", "2", "--warmup", "1", "--amp", "bf16"])
+    fast, plain = out["fast"], out["plain"]
+    assert fast["settings"]["deterministic"] == 0 and plain["settings"]["deterministic"] == 1
+    assert fast["backend_flags"] == [{"cudnn_benchmark": True, "cudnn_deterministic": False,
+                                      "deterministic_algorithms": False, "conv_tf32": True}]
+    assert plain["backend_flags"] == [{"cudnn_benchmark": False, "cudnn_deterministic": True,
+                                       "deterministic_algorithms": False, "conv_tf32": False}]

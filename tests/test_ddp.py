@@ -9,9 +9,10 @@
   Float sums in another order: equal within 1e-6.
 * BatchNorm statistics: after ``sync_buffers`` the running mean equals the one a single process
   gets from the 2b batch (exact up to float rounding, the update being linear in the batch mean).
-* The trainers under 2 ranks (supervised, pre-training and one SSCD stage, 32x32, batch 4 per
-  rank): every rank ends with bit-identical weights, students, teacher and BatchNorm statistics
-  alike; the ranks draw different batches; only rank 0 writes checkpoints and logs.
+* The trainers under 2 ranks (supervised, pre-training and one SSCD stage, 32x32, --batch_size 8 =
+  4 per rank under the default --batch_scope global): every rank ends with bit-identical weights,
+  students, teacher and BatchNorm statistics alike; the ranks draw different batches of half the
+  flags' size; only rank 0 writes checkpoints and logs.
 """
 import os
 import socket
@@ -127,7 +128,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(tmp_path):
     assert distributed.convert_sync_bn(model) is model  # ... and is a no-op in a single process
 
 
-TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--device", "cpu", "--num_workers", "0",
+TINY = ["--image_size", "32", "--batch_size", "8", "--labeled_bs", "4", "--device", "cpu", "--num_workers", "0",
         "--labelnum", "3", "--log_interval", "1", "--val_interval", "2"]
 
 
@@ -142,7 +143,7 @@ def _record(folder, rank):
         return state
 
     def stream(self, *args, **kw):
-        seeds.append(kw["seed"])
+        seeds.append((kw["seed"], args[:2]))  # and (labeled, unlabeled) slices per batch
         return real_stream(self, *args, **kw)
 
     utils.run.train_loop = utils.sscd_train.train_loop = loop
@@ -173,7 +174,9 @@ def test_trainers_under_two_ranks_end_with_identical_weights(synthetic_root, tmp
     assert sorted(stage) == ["model", "model_2", "teacher"]
     assert not torch.equal(stage["teacher"]["out_conv.weight"], stage["model"]["out_conv.weight"])  # EMA moved
     s0, s1 = (torch.load(tmp_path / f"seeds_rank{r}.pt") for r in (0, 1))
-    assert len(s0) == 3 and all(a != b for a, b in zip(s0, s1))  # each rank draws its own batches
+    assert len(s0) == 3 and all(a[0] != b[0] for a, b in zip(s0, s1))  # each rank draws its own batches
+    # --batch_scope global: each rank draws half of --batch_size 8 / --labeled_bs 4
+    assert [a[1] for a in s0] == [a[1] for a in s1] == [(2, 0), (2, 0), (2, 2)]
     for run in ("sup", "sscd"):
         logs = list((tmp_path / run).rglob("log.txt"))
         assert len(logs) == 1 and "(2 ranks)" in logs[0].read_text()

@@ -129,5 +129,6 @@ def set_rng_state(state):
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # a checkpoint from a machine with more (or fewer)
+        for index, device_state in enumerate(state["cuda"][:torch.cuda.device_count()]):  # GPUs: the common ones
+            torch.cuda.set_rng_state(device_state, index)

@@ -40,8 +40,14 @@ def base_parser(description, dataset, num_classes, labelnum):
     p.add_argument("--aug_device", choices=["device", "loader"], default="device",
                    help="augment batched on --device, or per sample in DataLoader workers")
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (with --aug_device loader)")
-    p.add_argument("--deterministic", type=int, default=1, choices=[0, 1],
-                   help="1: cudnn deterministic, no benchmark")
+    p.add_argument("--deterministic", type=int, default=None, choices=[0, 1],
+                   help="1: cuDNN deterministic algorithms, no autotuning (and torch's deterministic algorithms on "
+                        "CUDA; CUDA training is still not bit-identical: docs/gpu.md); default: 0 on CUDA, 1 on the "
+                        "CPU (where runs are bit-identical either way)")
+    p.add_argument("--batch_scope", choices=["global", "rank"], default="global",
+                   help="under torchrun with N ranks: global: --batch_size and --labeled_bs are the whole step's "
+                        "batch, each rank draws 1/N of it (the one-GPU recipe, same --base_lr); rank: each rank "
+                        "draws --batch_size, an N times larger step at an unscaled --base_lr (docs/gpu.md)")
     g = p.add_argument_group("speed and scale (bench/README.md)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="mixed precision of the network forwards (losses in float32); auto: bf16 on CUDA and on "
@@ -109,9 +115,30 @@ def parse_args(parser, argv=None, presets=None):
         parser.error(f"--image_size {args.image_size} must be divisible by 16")
     if args.sync_bn and not str(args.device).startswith("cuda"):
         parser.error(f"--sync_bn: SyncBatchNorm needs CUDA devices, got --device {args.device}")
+    try:
+        per_rank_batch(args.batch_size, args.labeled_bs, launcher_world_size(), args.batch_scope)
+    except ValueError as err:
+        parser.error(str(err))
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --save_dir, --overwrite replaces it: give one of them")
     return args
+
+
+def launcher_world_size():
+    """The number of ranks torchrun starts (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_rank_batch(batch_size, labeled_bs, world, scope):
+    """``(batch_size, labeled_bs)`` that each of ``world`` ranks draws per step: the flags themselves
+    with ``scope`` 'rank' (the step's batch is ``world`` times larger), the flags divided by
+    ``world`` with 'global' (ValueError naming the flags when they do not divide)."""
+    if scope == "rank" or world == 1:
+        return batch_size, labeled_bs
+    if batch_size % world or labeled_bs % world:
+        raise ValueError(f"--batch_scope global: --batch_size {batch_size} and --labeled_bs {labeled_bs} must be "
+                         f"divisible by the {world} ranks (or give --batch_scope rank: {batch_size} per rank)")
+    return batch_size // world, labeled_bs // world
 
 
 # flags that must be > 0 (budgets, sizes, rates); checked before anything is built or written

@@ -9,11 +9,17 @@ How a training step uses it (see ``Parallel``): the whole step's computation of 
 including the second forward on the CGSR images, runs inside ONE forward call of a single DDP
 module that holds every student, so DDP sees exactly one forward per backward, whatever the
 step does between the network calls. Buffers (BatchNorm running statistics) are not broadcast
-by DDP before each forward (``forward_sync_buffers=False``); instead ``sync_buffers`` averages them
-over the ranks after each optimizer step, which keeps every rank's students, and hence the EMA
-teacher updated from them, identical (the parameters are identical because DDP averages the
-gradients and every rank applies the same optimizer step).
+by DDP before each forward (``forward_sync_buffers=False``, ``broadcast_buffers=False`` before torch
+2.13: ``buffer_sync_kwargs``); instead ``sync_buffers`` averages them over the ranks after each
+optimizer step (not needed with --sync_bn, whose running statistics are those of the whole
+multi-rank batch on every rank), which keeps every rank's students, and hence the EMA teacher
+updated from them, identical (the parameters are identical because DDP averages the gradients and
+every rank applies the same optimizer step).
+
+Errors on rank 0 alone (validation, checkpoint writing): ``raise_if_main_failed`` hands rank 0's
+one-line error to every rank, so none waits in a collective until the process group's timeout.
 """
+import inspect
 import os
 
 import torch
@@ -52,6 +58,37 @@ def setup(device):
     return device
 
 
+class MainRankFailed(RuntimeError):
+    """Rank 0 failed (its one-line error is the message); raised on the other ranks."""
+    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+
+
+def raise_if_main_failed(error):
+    """Collective over the ranks, after work that rank 0 does alone: rank 0 passes the exception it
+    caught (or None). Every rank then learns it: rank 0 re-raises it, the others raise
+    ``MainRankFailed`` with its first line. A no-op in a single process (the error is re-raised)."""
+    if world_size() > 1:
+        message = [None]
+        if is_main() and error is not None:
+            lines = str(error).strip().splitlines()
+            message = [f"rank 0 failed: {type(error).__name__}: {lines[0] if lines else ''}"]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and not is_main():
+            raise MainRankFailed(message[0])
+    if error is not None:
+        raise error
+
+
+def gather_to_main(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others (collective); ``[obj]``
+    in a single process."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def teardown():
     """Leave the process group (no-op without one)."""
     if dist.is_initialized():
@@ -88,6 +125,17 @@ def sync_buffers(modules):
         b.copy_(value.view_as(b))
 
 
+def buffer_sync_kwargs(ddp_class=None):
+    """The keyword that stops ``ddp_class`` from broadcasting rank 0's buffers before each forward:
+    ``forward_sync_buffers=False`` where the constructor has it (torch 2.13 and later),
+    ``broadcast_buffers=False`` on older releases (a TypeError there otherwise). ``ddp_class``:
+    default the ``DistributedDataParallel`` that ``Parallel`` builds."""
+    params = inspect.signature((ddp_class or DistributedDataParallel).__init__).parameters
+    if "forward_sync_buffers" in params:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 class _Holder(torch.nn.Module):
     """The students as one module; ``forward(fn)`` just runs ``fn()`` (which calls them)."""
 
@@ -116,7 +164,7 @@ class Parallel:
         if world_size() > 1:
             self.ddp = DistributedDataParallel(
                 _Holder(modules), device_ids=[device] if device.type == "cuda" else None,
-                forward_sync_buffers=False, find_unused_parameters=find_unused)
+                find_unused_parameters=find_unused, **buffer_sync_kwargs(DistributedDataParallel))
 
     def __call__(self, fn):
         return fn() if self.ddp is None else self.ddp(fn)

@@ -23,13 +23,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from utils import distributed
 from utils.checkpoint import (CheckpointError, load_checkpoint, load_model_state, remove_stale_temporaries, rng_state,
                               save_checkpoint, set_rng_state)
 from utils.curves import VAL_HISTORY  # one JSON record per validation, in every train_loop folder
+from utils.device import fit_generator_state, match_state_layout
+
+try:  # optional: the GPU machine of the device check has no tensorboardX (validations.jsonl has the curves)
+    from tensorboardX import SummaryWriter
+except ImportError:
+    try:  # torch's own writer, where the tensorboard package is installed
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        SummaryWriter = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,13 +60,35 @@ def first_nonfinite(models):
     return next(n for n, t in named if not bool(torch.isfinite(t).all()))
 
 
-def seed_everything(seed, deterministic=True):
-    """Seed Python, NumPy and torch; cudnn deterministic when asked."""
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (the backend flags: ``utils.device.apply_backend_flags``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = bool(deterministic)
-    torch.backends.cudnn.benchmark = not deterministic
+
+
+class NullWriter:
+    """Stands in for a SummaryWriter where neither tensorboardX nor tensorboard is installed."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_image(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def summary_writer(folder, logger=None):
+    """A tensorboardX (else torch.utils.tensorboard) SummaryWriter on ``folder``, or a ``NullWriter``
+    (with a logged warning) when neither tensorboardX nor tensorboard is installed."""
+    if SummaryWriter is not None:
+        return SummaryWriter(str(folder))
+    if logger:
+        logger.warning(f"neither tensorboardX nor tensorboard is installed: no tensorboard logs in {folder} "
+                       f"(the validations are in {VAL_HISTORY} and log.txt)")
+    return NullWriter()
 
 
 def get_logger(save_dir, name, quiet=False):
@@ -86,7 +116,9 @@ def close_logger(logger):
 
 
 class GeneratorState:
-    """A ``torch.Generator`` as a resumable (``state_dict`` / ``load_state_dict``) for train_loop."""
+    """A ``torch.Generator`` as a resumable (``state_dict`` / ``load_state_dict``) for train_loop.
+    A state saved on another device type re-seeds the generator (``utils.device.fit_generator_state``);
+    ``load_state_dict`` then returns the one-line note, else None."""
 
     def __init__(self, generator):
         self.generator = generator
@@ -95,13 +127,54 @@ class GeneratorState:
         return {"state": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["state"])
+        fitted, note = fit_generator_state(self.generator, state["state"])
+        self.generator.set_state(fitted)
+        return note
 
 
-def _state(models, optimizers, iteration, best, config, finished, resumables=None, val=None):
+class ScalerState:
+    """The fp16 GradScaler (scale, growth tracker) as a resumable: a resumed fp16 run continues at
+    its scale instead of restarting at 65536. A state saved without a scaler (--amp bf16/off before
+    the resume) leaves a fresh scaler; a saved one is ignored by a disabled scaler."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state):
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
+
+
+def load_resumable(obj, saved):
+    """``obj.load_state_dict(saved)``; a ``torch.Generator`` that ``obj`` keeps as ``.generator``
+    (the batch stream's augmentation generator) first gets its saved ``"generator"`` state fitted to
+    its device (``fit_generator_state``). Returns the note of a re-seeded generator, or None."""
+    note = None
+    generator = getattr(obj, "generator", None)
+    if (isinstance(generator, torch.Generator) and not isinstance(obj, GeneratorState) and isinstance(saved, dict)
+            and saved.get("generator") is not None):
+        fitted, note = fit_generator_state(generator, saved["generator"])
+        saved = {**saved, "generator": fitted}
+    returned = obj.load_state_dict(saved)
+    return returned if isinstance(returned, str) else note
+
+
+def rank_state(resumables):
+    """What each rank draws from: its resumables' states (batch stream, generators) and its RNG."""
+    return {"resumables": {k: r.state_dict() for k, r in (resumables or {}).items()}, "rng": rng_state()}
+
+
+def _state(models, optimizers, iteration, best, config, finished, resumables=None, val=None, ranks=None):
+    """The checkpoint dict; ``ranks``: every rank's ``rank_state`` (rank 0's also as "resumables"
+    and "rng", the single-process format), stored as "ranks" when there are several."""
     main = models["model"]
+    ranks = ranks or [rank_state(resumables)]
     return {
-        "resumables": {k: r.state_dict() for k, r in (resumables or {}).items()},
+        "resumables": ranks[0]["resumables"],
+        "ranks": ranks[1:],  # ranks 1.. of a torchrun run (empty in a single process)
         "val": val or {},  # this iteration's validation: {"dice": mean, "dice_class<c>": ...}
         "model": main.state_dict(),
         "models": {k: m.state_dict() for k, m in models.items() if k != "model"},
@@ -111,13 +184,14 @@ def _state(models, optimizers, iteration, best, config, finished, resumables=Non
         "best_iteration": best[1],
         "num_classes": main.num_classes,
         "config": config,
-        "rng": rng_state(),
+        "rng": ranks[0]["rng"],
         "finished": finished,
     }
 
 
 def restore(path, models, optimizers):
-    """Load models, optimizers and RNG from a checkpoint written by ``train_loop``."""
+    """Load models, optimizers and RNG from a checkpoint written by ``train_loop`` (the RNG of this
+    rank: ``rank_saved_state``; the optimizer state in its parameters' memory format)."""
     state = load_checkpoint(path)
     load_model_state(models["model"], state["model"], path)
     for key, module in models.items():
@@ -133,8 +207,20 @@ def restore(path, models, optimizers):
             opt.load_state_dict(state["optimizers"][key])
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{path}: optimizer state '{key}' does not fit ({err})") from err
-    set_rng_state(state["rng"])
+        match_state_layout(opt)  # a resume may change --channels_last
+    saved = rank_saved_state(state, distributed.rank())
+    if saved is not None:
+        set_rng_state(saved["rng"])
     return state
+
+
+def rank_saved_state(state, rank):
+    """This rank's ``{"resumables", "rng"}`` in checkpoint ``state``, or None when the run that
+    wrote it had fewer ranks (this rank then keeps its freshly seeded streams)."""
+    if rank == 0:
+        return {"resumables": state.get("resumables", {}), "rng": state["rng"]}
+    ranks = state.get("ranks") or []
+    return ranks[rank - 1] if rank - 1 < len(ranks) else None
 
 
 def train_loop(*, save_dir, iterations, step, models, optimizers, validate, config,
@@ -166,18 +252,13 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
     if resume and last_path.is_file():
         state = restore(last_path, models, optimizers)
         start, best = state["iteration"], (state["best_dice"], state["best_iteration"])
-        saved = state.get("resumables", {})
-        for key, obj in (resumables or {}).items():
-            if key in saved:
-                obj.load_state_dict(saved[key])
-            elif logger:
-                logger.warning(f"[{name}] {last_path} has no '{key}' state (older checkpoint): it restarts")
+        _restore_resumables(state, resumables, last_path, name, logger)
         if logger:
             logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
         if state.get("finished"):
             return state
         validate_start = False  # the restored run has validated its start already
-    writer = SummaryWriter(str(save_dir / "tb")) if main_rank else None
+    writer = summary_writer(save_dir / "tb", logger) if main_rank else None
 
     def check_weights(it):  # never validate or save a model whose weights or statistics overflowed
         bad_tensor = first_nonfinite(models)
@@ -185,7 +266,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             raise NonFiniteWeights(f"[{name}] non-finite values in {bad_tensor} at iteration {it} (the "
                                    f"loss stayed finite; lower --base_lr); stopping. {_last_good(last_path)}")
 
-    def validate_and_save(it):
+    def validate_and_save(it, ranks):
         nonlocal best
         for m in models.values():
             m.eval()
@@ -200,8 +281,9 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
         improved = score > best[0]
         if improved:
             best = (score, it)
+        ranks = [rank_state(resumables)] + ranks[1:]  # rank 0's RNG as it is after validating
         state = _state(models, optimizers, it, best, config, finished=it == iterations,
-                       resumables=resumables, val={"dice": score, **scalars})
+                       resumables=resumables, val={"dice": score, **scalars}, ranks=ranks)
         record = {"phase": name, "iteration": it, "total_iteration": offset + it, "dice": score, **scalars}
         with open(save_dir / VAL_HISTORY, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -218,8 +300,7 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
     try:
         if validate_start:
             check_weights(0)
-            if main_rank:
-                validate_and_save(0)
+            validate_on_main(validate_and_save, 0, resumables)
         t0 = time.time()
         for it in tqdm(range(start + 1, iterations + 1), initial=start, total=iterations, desc=name,
                        dynamic_ncols=True, disable=not sys.stderr.isatty()):
@@ -250,14 +331,45 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
                 device_sums, count, t0 = {}, 0, time.time()
             if is_val:
                 check_weights(it)
-                if main_rank:
-                    validate_and_save(it)
+                validate_on_main(validate_and_save, it, resumables)
                 t0 = time.time()  # the next s/it excludes validation and checkpoint writing
     finally:
         if writer is not None:
             writer.close()
     distributed.barrier()
     return _state(models, optimizers, it, best, config, finished=True, resumables=resumables)
+
+
+def validate_on_main(validate_and_save, it, resumables):
+    """Every rank's streams and RNG gathered to rank 0, which validates and writes the checkpoints;
+    an error there (a failing validation, a full disk) stops every rank at once with its message
+    (``distributed.raise_if_main_failed``) instead of leaving the others waiting in a collective."""
+    ranks = distributed.gather_to_main(rank_state(resumables))
+    error = None
+    if distributed.is_main():
+        try:
+            validate_and_save(it, ranks)
+        except Exception as err:  # handed to every rank, then re-raised on this one
+            error = err
+    distributed.raise_if_main_failed(error)
+
+
+def _restore_resumables(state, resumables, path, name, logger):
+    """Load this rank's saved resumable states (``rank_saved_state``) into ``resumables``."""
+    rank = distributed.rank()
+    saved = rank_saved_state(state, rank)
+    if saved is None:
+        if logger and resumables:
+            logger.warning(f"[{name}] {path} was written by a run with fewer ranks: rank {rank} starts its batch "
+                           f"stream and generators afresh")
+        return
+    for key, obj in (resumables or {}).items():
+        if key in saved["resumables"]:
+            note = load_resumable(obj, saved["resumables"][key])
+            if note and logger:
+                logger.warning(f"[{name}] {path} '{key}': {note}")
+        elif logger:
+            logger.warning(f"[{name}] {path} has no '{key}' state (older checkpoint): it restarts")
 
 
 def _last_good(last_path):

@@ -17,10 +17,11 @@ from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
 from utils import distributed, speed
-from utils.config import resolve_save_dir, save_config
+from utils.config import per_rank_batch, resolve_save_dir, save_config
 from utils.checkpoint import os_cause, remove_stale_temporaries
 from utils.curves import VAL_HISTORY
-from utils.engine import close_logger, get_logger, seed_everything, train_loop
+from utils.device import apply_backend_flags, backend_flags, resolve_deterministic
+from utils.engine import ScalerState, close_logger, get_logger, seed_everything, train_loop
 from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
 
@@ -43,7 +44,8 @@ def resolve_speed_flags(args, device):
     (saved so in config.yaml): bf16 on CUDA and on CPUs with native bf16, fp32 on other CPUs
     (``utils.speed.auto_amp``: emulated bf16 is ~9x slower than fp32); channels_last everywhere
     (faster on CUDA and, measured, on the CPU); the device LCC on CUDA, scipy on the CPU (faster
-    there). Also keeps freed host memory for reuse (``utils.speed.tune_host_allocator``)."""
+    there); --deterministic not given: ``utils.device.resolve_deterministic``. Also keeps freed host
+    memory for reuse (``utils.speed.tune_host_allocator``)."""
     cuda = torch.device(device).type == "cuda"
     speed.tune_host_allocator()
     if args.amp == "auto":
@@ -52,6 +54,7 @@ def resolve_speed_flags(args, device):
         args.channels_last = "on"
     if args.lcc == "auto":
         args.lcc = "device" if cuda else "scipy"
+    args.deterministic = resolve_deterministic(args.deterministic, device)
     return args
 
 
@@ -109,7 +112,8 @@ SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb", VAL_HISTORY) + RUN_RECORDS
 # budget is compared through the per-stage iterations it resolves to)
 # speed flags included: a run resumed on another machine may resolve --amp auto to another precision
 RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "config", "device", "num_workers", "log_interval",
-                               "val_interval", "compile", "lcc", "amp", "channels_last", "max_iterations"})
+                               "val_interval", "compile", "lcc", "amp", "channels_last", "max_iterations",
+                               "deterministic"})
 
 
 def saved_run_config(save_dir):
@@ -214,18 +218,32 @@ class Run:
         if stale:
             self.logger.warning(f"removed temporary files of an interrupted checkpoint write in {self.save_dir}: "
                                 f"{', '.join(stale)}")
-        seed_everything(self.seed(args.seed), args.deterministic)
+        seed_everything(self.seed(args.seed))
+        self.backend_flags = backend_flags(args.deterministic, args.amp, self.device)
+        apply_backend_flags(self.backend_flags)
         try:
             self.config = save_config(args, self.save_dir) if main else vars(args).copy()
         except OSError as err:
             self.close()
             raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
+        self._split_batch()
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
                          + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                             f"torch threads {torch.get_num_threads()}: "
                             "runs with another thread count may differ numerically)"
                             if self.device.type == "cpu" else ""))
+
+    def _split_batch(self):
+        """Under torchrun: set ``args.batch_size`` / ``args.labeled_bs`` to what each rank draws
+        (``--batch_scope``; config.yaml keeps the flags as given) and log the step's whole batch."""
+        a, world = self.args, self.world_size
+        if world == 1:
+            return
+        a.batch_size, a.labeled_bs = per_rank_batch(a.batch_size, a.labeled_bs, world, a.batch_scope)
+        self.logger.info(f"--batch_scope {a.batch_scope}: each of the {world} ranks draws {a.batch_size} slices "
+                         f"({a.labeled_bs} labeled) per step, {world * a.batch_size} in all, at --base_lr {a.base_lr}"
+                         + (" (not scaled with the ranks; docs/gpu.md)" if a.batch_scope == "rank" else ""))
 
     def _check_preprocessed(self):
         """Refuse a raw (unconverted) folder with the conversion command; warn when the slices were
@@ -295,14 +313,15 @@ class Run:
 
     def update(self, loss, optimizers, students):
         """Backward of ``loss`` (scaled with --amp fp16), one step of each optimizer, then the
-        students' BatchNorm statistics averaged over the ranks."""
+        students' BatchNorm statistics averaged over the ranks (unless --sync_bn)."""
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         for opt in optimizers:
             self.scaler.step(opt)
         self.scaler.update()
-        distributed.sync_buffers(students)
+        if not self.args.sync_bn:  # SyncBatchNorm's running statistics are equal on every rank already
+            distributed.sync_buffers(students)
 
     def validator(self, model, volumes):
         """``validate()`` for train_loop: the Dice of ``model`` on ``volumes`` (eager, with the run's
@@ -341,7 +360,8 @@ def train_supervised(run, iterations=None, lr_after=None):
     state = train_loop(save_dir=run.save_dir, iterations=iterations, step=step, models={"model": model},
                        optimizers={"model": opt}, validate=run.validator(model, volumes), config=run.config,
                        val_interval=a.val_interval, log_interval=a.log_interval, resume=a.resume,
-                       logger=run.logger, name="supervised", resumables={"stream": stream})
+                       logger=run.logger, name="supervised",
+                       resumables={"stream": stream, "scaler": ScalerState(run.scaler)})
     run.logger.info(f"best val Dice {state['best_dice']:.4f} at iteration {state['best_iteration']}; "
                     f"checkpoints in {run.save_dir} (best.pth, last.pth)")
     return state

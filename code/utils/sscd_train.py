@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from utils.config import resolve_save_dir
+from utils.config import launcher_world_size, per_rank_batch, resolve_save_dir
 from utils.ema import ema_update
-from utils.engine import GeneratorState, train_loop
+from utils.engine import GeneratorState, ScalerState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
 from utils.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
@@ -174,6 +174,12 @@ def check_sscd_args(parser, args):
     elif args.labeled_bs != unlabeled or args.labeled_bs % 2:
         parser.error(f"--labeled_bs {args.labeled_bs} / --batch_size {args.batch_size}: SSCD mixes labeled and "
                      f"unlabeled halves, so --batch_size must be 2 x --labeled_bs with --labeled_bs even")
+    world = launcher_world_size()
+    rank_labeled = per_rank_batch(args.batch_size, args.labeled_bs, world, args.batch_scope)[1]
+    if args.method != "labeled_only" and rank_labeled % 2:
+        parser.error(f"--labeled_bs {args.labeled_bs}: each of the {world} ranks draws {rank_labeled} labeled slices "
+                     f"(--batch_scope global) and SSCD mixes them in pairs: give a --labeled_bs divisible by "
+                     f"{2 * world}, or --batch_scope rank")
     if args.image_size % args.patch_size:
         parser.error(f"--patch_size {args.patch_size} must divide --image_size {args.image_size}")
     grid = (args.image_size // args.patch_size) ** 2
@@ -291,7 +297,7 @@ def pretrain_step(run, data, resumables=None):
     stream = run.stream(data, a.labeled_bs, 0, strong=False, seed=a.seed)
     gen = run.generator(a.seed)
     if resumables is not None:
-        resumables.update(stream=stream, box_generator=GeneratorState(gen))
+        resumables.update(stream=stream, box_generator=GeneratorState(gen), scaler=ScalerState(run.scaler))
 
     def losses_of(x, y, lab, box, sda):
         outputs = _forward(forward, x)
@@ -371,7 +377,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     stream = run.stream(data, a.labeled_bs, a.labeled_bs, strong=a.students == 2, seed=a.seed + 1000 * stage)
     gen = run.generator(a.seed + 1000 * stage)
     if resumables is not None:
-        resumables.update(stream=stream, generator=GeneratorState(gen))
+        resumables.update(stream=stream, generator=GeneratorState(gen), scaler=ScalerState(run.scaler))
     vis = {}
 
     def losses_of(b, plab, box, w_cross):
