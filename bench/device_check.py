@@ -389,11 +389,13 @@ def device_check(a):
     return check.result
 
 
-def main(argv=None):
+def build_parser():
+    """The device check's flags (nothing parsed)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry_run", action="store_true", help="CPU, 32^2, batch 4, generated data, under a minute")
-    p.add_argument("--out", default=str(REPO / "results" / "device_check.json"),
-                   help="the JSON file written (after every phase); the logs go to <out stem>_logs/ beside it")
+    p.add_argument("--out", default=None,
+                   help="the JSON file written (after every phase; default results/device_check.json in the "
+                        "repository); the logs go to <out stem>_logs/ beside it")
     p.add_argument("--data", default=None, help=f"ACDC root (default: the first of {DATA_CANDIDATES} found)")
     p.add_argument("--budget_s", type=float, default=None,
                    help=f"wall-time budget of the whole check (default {FULL['budget_s']:.0f} s; dry run "
@@ -410,7 +412,12 @@ def main(argv=None):
     p.add_argument("--pack_data", default=None, metavar="DIR",
                    help="only copy an ACDC subset (from --data or the default root) into DIR and stop")
     p.add_argument("--slices", type=int, default=360, help="training slices of --pack_data")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    a.out = a.out or str(REPO / "results" / "device_check.json")
     if a.missing or a.missing_optional:
         print(" ".join(missing_wheels(REQUIRED if a.missing else OPTIONAL)))
         return None

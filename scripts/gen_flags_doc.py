@@ -40,6 +40,7 @@ SCRIPTS = (
     ("experiments/stage_networks.py", "build_parser", None),
     ("bench/bench_train.py", "bench_parser", None),
     ("bench/profile_step.py", "build_parser", None),
+    ("bench/device_check.py", "build_parser", None),
 )
 
 HEADER = """# Flags of every script

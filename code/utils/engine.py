@@ -241,13 +241,8 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
     main_rank = distributed.is_main()
     save_dir = Path(save_dir)
     if main_rank:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = save_dir / "last.pth", save_dir / "best.pth"
-    if main_rank:
-        stale = remove_stale_temporaries(save_dir)
-        if stale and logger:
-            logger.warning(f"[{name}] removed temporary files of an interrupted checkpoint write in {save_dir}: "
-                           f"{', '.join(stale)}")
+        _prepare_folder(save_dir, name, logger)
+    last_path = save_dir / "last.pth"
     start, best = 0, (-1.0, -1)
     if resume and last_path.is_file():
         state = restore(last_path, models, optimizers)
@@ -259,6 +254,9 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             return state
         validate_start = False  # the restored run has validated its start already
     writer = summary_writer(save_dir / "tb", logger) if main_rank else None
+    saver = _ValidateAndSave(save_dir=save_dir, name=name, iterations=iterations, offset=offset, models=models,
+                             optimizers=optimizers, validate=validate, config=config, resumables=resumables,
+                             writer=writer, on_validate=on_validate, logger=logger, best=best)
 
     def check_weights(it):  # never validate or save a model whose weights or statistics overflowed
         bad_tensor = first_nonfinite(models)
@@ -266,49 +264,20 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             raise NonFiniteWeights(f"[{name}] non-finite values in {bad_tensor} at iteration {it} (the "
                                    f"loss stayed finite; lower --base_lr); stopping. {_last_good(last_path)}")
 
-    def validate_and_save(it, ranks):
-        nonlocal best
-        for m in models.values():
-            m.eval()
-        t_val = time.time()
-        score, scalars = validate()
-        t_val = time.time() - t_val
-        for k, v in scalars.items():
-            writer.add_scalar(f"{name}/val_{k}", v, it)
-        writer.add_scalar(f"{name}/val_dice", score, it)
-        if on_validate:
-            on_validate(writer, it)
-        improved = score > best[0]
-        if improved:
-            best = (score, it)
-        ranks = [rank_state(resumables)] + ranks[1:]  # rank 0's RNG as it is after validating
-        state = _state(models, optimizers, it, best, config, finished=it == iterations,
-                       resumables=resumables, val={"dice": score, **scalars}, ranks=ranks)
-        record = {"phase": name, "iteration": it, "total_iteration": offset + it, "dice": score, **scalars}
-        with open(save_dir / VAL_HISTORY, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if improved:
-            save_checkpoint(state, best_path)
-        save_checkpoint(state, last_path)
-        if logger:
-            logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {best[0]:.4f} at {best[1]}; "
-                        f"validation {t_val:.2f}s)")
-
     device_sums, count = {}, 0
     first_bad = None
     it = start
     try:
         if validate_start:
             check_weights(0)
-            validate_on_main(validate_and_save, 0, resumables)
+            validate_on_main(saver, 0, resumables)
         t0 = time.time()
         for it in tqdm(range(start + 1, iterations + 1), initial=start, total=iterations, desc=name,
                        dynamic_ncols=True, disable=not sys.stderr.isatty()):
             for m in models.values():
                 m.train()
             losses = step(it)
-            loss = losses["loss"]
-            bad = ~torch.isfinite(loss.detach())
+            bad = ~torch.isfinite(losses["loss"].detach())
             first_bad = torch.where(bad, it, -1) if first_bad is None else torch.where(
                 (first_bad < 0) & bad, it, first_bad)
             for k, v in losses.items():
@@ -316,28 +285,84 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             count += 1
             is_val = it % val_interval == 0 or it == iterations
             if it % log_interval == 0 or is_val:
-                bad_it, means = _gather(first_bad, device_sums, count)
-                if bad_it >= 0:
-                    raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. "
-                                        f"{_last_good(last_path)}")
-                if main_rank:
-                    for k, v in means.items():
-                        writer.add_scalar(f"{name}/{k}", v, it)
-                    for key, opt in optimizers.items():
-                        writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
-                if logger:
-                    text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-                    logger.info(f"[{name}] it {it}/{iterations} {text} ({(time.time() - t0) / max(count, 1):.3f}s/it)")
+                _log_losses(name, it, iterations, _gather(first_bad, device_sums, count), optimizers, writer,
+                            logger, (time.time() - t0) / max(count, 1), last_path)
                 device_sums, count, t0 = {}, 0, time.time()
             if is_val:
                 check_weights(it)
-                validate_on_main(validate_and_save, it, resumables)
+                validate_on_main(saver, it, resumables)
                 t0 = time.time()  # the next s/it excludes validation and checkpoint writing
     finally:
         if writer is not None:
             writer.close()
     distributed.barrier()
-    return _state(models, optimizers, it, best, config, finished=True, resumables=resumables)
+    return _state(models, optimizers, it, saver.best, config, finished=True, resumables=resumables)
+
+
+def _prepare_folder(save_dir, name, logger):
+    """Create ``save_dir`` and remove the temporary files of an interrupted checkpoint write (rank 0)."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(save_dir)
+    if stale and logger:
+        logger.warning(f"[{name}] removed temporary files of an interrupted checkpoint write in {save_dir}: "
+                       f"{', '.join(stale)}")
+
+
+def _log_losses(name, it, iterations, gathered, optimizers, writer, logger, seconds_per_it, last_path):
+    """Log one interval's mean losses (``gathered`` = ``_gather``'s result) to tensorboard (rank 0:
+    ``writer``) and the log; a non-finite loss in the interval stops the run naming its first iteration."""
+    bad_it, means = gathered
+    if bad_it >= 0:
+        raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. {_last_good(last_path)}")
+    if writer is not None:
+        for k, v in means.items():
+            writer.add_scalar(f"{name}/{k}", v, it)
+        for key, opt in optimizers.items():
+            writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
+    if logger:
+        text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
+        logger.info(f"[{name}] it {it}/{iterations} {text} ({seconds_per_it:.3f}s/it)")
+
+
+class _ValidateAndSave:
+    """Rank 0's validation of ``train_loop``: validate, log, append to validations.jsonl, write
+    ``best.pth`` (on improvement) and ``last.pth``. ``best`` is ``(score, iteration)`` so far.
+    Called as ``saver(iteration, ranks)``, ``ranks`` every rank's resumable state (``rank_state``)."""
+
+    def __init__(self, *, save_dir, name, iterations, offset, models, optimizers, validate, config, resumables,
+                 writer, on_validate, logger, best):
+        self.save_dir, self.name, self.iterations, self.offset = save_dir, name, iterations, offset
+        self.models, self.optimizers, self.validate, self.config = models, optimizers, validate, config
+        self.resumables, self.writer, self.on_validate, self.logger = resumables, writer, on_validate, logger
+        self.best = best
+
+    def __call__(self, it, ranks):
+        name, writer = self.name, self.writer
+        for m in self.models.values():
+            m.eval()
+        t_val = time.time()
+        score, scalars = self.validate()
+        t_val = time.time() - t_val
+        for k, v in scalars.items():
+            writer.add_scalar(f"{name}/val_{k}", v, it)
+        writer.add_scalar(f"{name}/val_dice", score, it)
+        if self.on_validate:
+            self.on_validate(writer, it)
+        improved = score > self.best[0]
+        if improved:
+            self.best = (score, it)
+        ranks = [rank_state(self.resumables)] + ranks[1:]  # rank 0's RNG as it is after validating
+        state = _state(self.models, self.optimizers, it, self.best, self.config, finished=it == self.iterations,
+                       resumables=self.resumables, val={"dice": score, **scalars}, ranks=ranks)
+        record = {"phase": name, "iteration": it, "total_iteration": self.offset + it, "dice": score, **scalars}
+        with open(self.save_dir / VAL_HISTORY, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if improved:
+            save_checkpoint(state, self.save_dir / "best.pth")
+        save_checkpoint(state, self.save_dir / "last.pth")
+        if self.logger:
+            self.logger.info(f"[{name}] it {it} val Dice {score:.4f} (best {self.best[0]:.4f} at {self.best[1]}; "
+                             f"validation {t_val:.2f}s)")
 
 
 def validate_on_main(validate_and_save, it, resumables):
