@@ -13,7 +13,8 @@ Every run is two subprocesses, launched from the repository root:
 The flags after ``--`` go to every trainer unchanged (the same budget for every method). A run whose
 ``eval_<split>/summary.json`` exists is skipped, so an interrupted table resumes where it stopped; a
 run whose training finished (marker ``TRAINED``) but whose evaluation did not is only evaluated. Each
-subprocess's output goes to ``run_table_<step>.log`` in the run folder. A failed step writes
+subprocess's output goes to ``run_table_<step>.log`` in the run folder, and each finished step's
+seconds to ``run_table_times.jsonl``. A failed step writes
 ``FAILED.json`` there (step, command, exit code, log), the table goes on with the next run, the report
 lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
 and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md``, ``OUT/results.csv``
@@ -45,6 +46,7 @@ from utils.report import EXPECTED_FILE, FAILED_FILE, build_report, run_name  # n
 DATASETS = ("ACDC", "PROMISE12")
 METHODS = ("labeled_only", "bcp", "abd", "sscd")
 TRAINED_FILE = "TRAINED"
+TIMES_FILE = "run_table_times.jsonl"  # seconds of every finished train/test step of a run
 #: trainer flags run_table sets itself (per run) and therefore refuses after --
 RESERVED = ("--method", "--labelnum", "--seed", "--save_dir", "--root_path", "--device", "--resume")
 
@@ -214,7 +216,11 @@ def run_one(run, args, runner, env=None):
             print(f"[{run['name']}] {step} FAILED (exit code {code}) after {time.time() - t0:.0f}s; "
                   f"log {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
             return failure
-        print(f"[{run['name']}] {step} done in {time.time() - t0:.0f}s", flush=True)
+        seconds = time.time() - t0
+        print(f"[{run['name']}] {step} done in {seconds:.0f}s", flush=True)
+        with open(run_dir / TIMES_FILE, "a") as f:  # one line per finished step; a resumed training adds one
+            f.write(json.dumps({"step": step, "seconds": round(seconds, 1),
+                                "omp_threads": (env or os.environ).get("OMP_NUM_THREADS")}) + "\n")
         if step == "train":
             (run_dir / TRAINED_FILE).write_text(shlex.join(command) + "\n")
     return None

@@ -38,6 +38,7 @@ SCRIPTS = (
     ("experiments/selection_rules.py", "build_parser", None),
     ("experiments/compare_arms.py", "build_parser", None),
     ("experiments/stage_networks.py", "build_parser", None),
+    ("experiments/budget_curve.py", "build_parser", None),
     ("bench/bench_train.py", "bench_parser", None),
     ("bench/profile_step.py", "build_parser", None),
     ("bench/device_check.py", "build_parser", None),

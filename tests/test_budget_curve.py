@@ -1,0 +1,122 @@
+"""experiments/budget_curve.py: the tables it runs per budget and method (through compare_acdc and
+run_table, with a fake runner in place of the trainer and test script), the rates it gives each method,
+and the analysis (paired differences, run times, figures) on the runs the fake runner wrote."""
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import load_script
+
+curve = load_script("experiments/budget_curve.py")
+
+BONUS = {"labeled_only": 0.0, "bcp": 0.02, "sscd": 0.03}
+
+
+def fake_dice(method, budget, seed):
+    """What the fake evaluation reports: grows with the budget, SSCD's gap grows faster."""
+    growth = {"labeled_only": 0.0, "bcp": 0.5, "sscd": 1.0}[method]
+    return 0.6 + BONUS[method] + growth * budget / 100000 + seed / 1000
+
+
+class BudgetRunner:
+    """Writes what the trainer (config.yaml, best.pth, validations.jsonl) and the test script
+    (summary.json) would, for the labelnum, method, seed and budget of each command."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, command, log_path, env=None):
+        self.calls.append(command)
+        value = lambda flag: command[command.index(flag) + 1]  # noqa: E731
+        if "code/train_ACDC_SSCD.py" in command:
+            run = Path(value("--save_dir"))
+            run.mkdir(parents=True, exist_ok=True)
+            budget = int(value("--pre_iterations")) + int(value("--max_iterations"))
+            config = {"method": value("--method"), "seed": int(value("--seed")), "labelnum": int(value("--labelnum")),
+                      "budget": budget}
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "best.pth").write_bytes(b"weights")
+            history = [{"phase": "supervised", "iteration": it, "total_iteration": it, "dice": 0.5} for it in (40, 80)]
+            (run / "validations.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            return 0
+        out = Path(value("--out"))
+        config = yaml.safe_load((out.parent / "config.yaml").read_text())
+        out.mkdir(parents=True, exist_ok=True)
+        dice = fake_dice(config["method"], config["budget"], config["seed"])
+        values = {"dice": dice, "jaccard": dice - 0.1, "hd95": 2.0, "asd": 1.0}
+        summary = {"split": "val", "cases": 2, **{m: {"per_class": [v] * 3, "mean": v} for m, v in values.items()}}
+        (out / "summary.json").write_text(json.dumps(summary))
+        header = ["case"] + [f"{m}_{c}" for c in ("RV", "Myo", "LV") for m in values] + ["mean_dice"]
+        rows = [[case] + [values[m] for _ in range(3) for m in values] + [dice] for case in ("a", "b")]
+        (out / "cases.csv").write_text("\n".join(",".join(map(str, r)) for r in [header, *rows]) + "\n")
+        return 0
+
+
+def test_rates_follow_the_acceptance_table_and_overrides():
+    assert curve.stage_lrs(["labeled_only", "bcp", "sscd"], 7, []) == {"labeled_only": None, "bcp": None, "sscd": 0.01}
+    assert curve.stage_lrs(["bcp"], 3, []) == {"bcp": 0.01}
+    assert curve.stage_lrs(["bcp", "sscd"], 7, ["sscd=none", "bcp=0.02"]) == {"bcp": 0.02, "sscd": None}
+    for bad in ("sscd", "abd=0.01", "sscd=fast"):
+        with pytest.raises(ValueError, match="--stage_lr"):
+            curve.stage_lrs(["sscd"], 7, [bad])
+
+
+def test_runs_every_budget_with_half_pre_training_then_analyses(tmp_path, capsys):
+    out = tmp_path / "budget"
+    runner = BudgetRunner()
+    status = curve.main(["--root_path", str(tmp_path / "acdc"), "--out", str(out), "--budgets", "4800", "2400",
+                         "--seeds", "1", "2", "--jobs", "1"], runner=runner)
+    assert status == 0
+    trains = [shlex.join(c) for c in runner.calls if "code/train_ACDC_SSCD.py" in c]
+    assert len(trains) == 2 * 3 * 2  # budgets x methods x seeds
+    assert all("--pre_iterations 1200 --max_iterations 1200" in t for t in trains[:6])  # 2400 first
+    assert all("--pre_iterations 2400 --max_iterations 2400" in t for t in trains[6:])
+    assert all(("--stage_lr 0.01" in t) == ("--method sscd" in t) for t in trains)  # 7 labeled: only SSCD at 0.01
+    assert all(f"{out}/it" in t and "--labelnum 7" in t and "--val_interval 40" in t for t in trains)
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by = {(r["budget"], r["arm"]): r for r in rows}
+    assert set(by) == {(b, m) for b in (2400, 4800) for m in ("labeled_only", "bcp", "sscd")}
+    for (budget, method), row in by.items():
+        expected = [100 * fake_dice(method, budget, s) for s in (1, 2)]
+        assert row["final"][0] == pytest.approx(sum(expected) / 2)
+        assert row["minutes"] == [pytest.approx(0.0, abs=0.1)] * 2  # run_table timed both steps
+    # SSCD - labeled-only per seed: 3 points + 1 point per 100k iterations of budget
+    assert by[(2400, "sscd")]["paired"]["labeled_only"]["diff"][0] == pytest.approx(3 + 2400 / 1000)
+    assert by[(4800, "sscd")]["paired"]["labeled_only"]["diff"][0] == pytest.approx(3 + 4800 / 1000)
+    assert by[(4800, "sscd")]["paired"]["bcp"]["ahead"] == 2
+    assert "labeled_only" not in by[(2400, "labeled_only")]["paired"]
+    table = (out / "budget_curve.md").read_text()
+    assert "| 4800 | sscd | 2 |" in table and "+7.8 ± 0.0, 2 of 2" in table
+    assert (out / "budget_curve.png").stat().st_size > 0 and (out / "learning_curves_4800.png").stat().st_size > 0
+    machine = json.loads((out / "machines.jsonl").read_text().splitlines()[0])
+    assert machine["threads_per_run"] == 1 and machine["cpu_model"]
+
+
+def test_resumed_command_runs_nothing_twice_and_analyse_alone(tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["--root_path", str(tmp_path), "--out", str(out), "--budgets", "2400", "--methods", "labeled_only", "sscd",
+            "--seeds", "1", "--jobs", "1"]
+    first = BudgetRunner()
+    curve.main(argv, runner=first)
+    again = BudgetRunner()
+    curve.main(argv, runner=again)
+    assert len(first.calls) == 4 and again.calls == []  # evaluated runs are skipped
+    capsys.readouterr()
+    assert curve.main(["--out", str(out), "--budgets", "2400", "--methods", "labeled_only", "sscd", "--analyse"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["arm"] for r in rows] == ["labeled_only", "sscd"]
+
+
+def test_bad_budget_and_missing_root_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        curve.main(["--root_path", str(tmp_path), "--out", str(tmp_path), "--budgets", "2401"])
+    assert "--budgets 2401: expected a positive even number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        curve.main(["--out", str(tmp_path)])
+    assert "--root_path: required unless --analyse" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        curve.main(["--out", str(tmp_path / "empty"), "--analyse"])
+    assert "no evaluated run under it<B>/<method>/runs" in capsys.readouterr().err
