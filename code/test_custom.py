@@ -1,0 +1,28 @@
+"""Evaluate a checkpoint trained on a converted data set: Dice, Jaccard, HD95, ASD per class (names from the checkpoint).
+
+    python code/test_custom.py --checkpoint model/Prostate42_SSCD_15_labeled/best.pth --split val
+
+Predictions are written as <case>_pred.nii.gz in the original geometry of each case (size, spacing,
+origin, direction, slice axis); distances in voxels of the stored grid and in mm.
+"""
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.errors import run_cli
+from utils.testing import run_test, test_parser
+
+
+def class_names(path):
+    """The foreground class names of a checkpoint's model card."""
+    card = load_checkpoint(path).get("config", {}).get("model_card")
+    if not card:
+        raise CheckpointError(f"{path}: no model card (written before model cards existed); use test_ACDC.py or "
+                              f"test_PROMISE12.py for it")
+    return tuple(card["classes"][1:])
+
+
+def main(argv=None):
+    args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
+    return run_test(args, class_names(args.checkpoint))
+
+
+if __name__ == "__main__":
+    run_cli(main)
