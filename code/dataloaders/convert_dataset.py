@@ -120,7 +120,8 @@ def nnunet_cases(folder):
             raise FileNotFoundError(f"{path}: a label without an image (expected imagesTr/{case}_0000{ending})")
         cases[case]["label"] = path
     test_dir = folder / "imagesTs"
-    predict_only = sorted(list_images(test_dir, "imagesTs")) if test_dir.is_dir() else []
+    predict_only = sorted(c[: -len(CHANNEL)] if c.endswith(CHANNEL) else c
+                          for c in (list_images(test_dir, "imagesTs") if test_dir.is_dir() else {}))
     return cases, classes, {"layout": "nnunet", "file_ending": ending, "channel_names": channels,
                             "predict_only_cases": predict_only, "numTraining": info.get("numTraining")}
 
@@ -341,10 +342,19 @@ def check_output_folder(out, summary, overwrite):
                               f"choose a new or empty folder")
     changed = [k for k in SETTINGS if old.get(k) != summary.get(k)]
     if changed and not overwrite:
-        raise FileExistsError(f"--out {out} holds a conversion made with other settings ({', '.join(changed)} "
-                              f"changed); pass --overwrite to replace it, or choose another --out")
+        raise FileExistsError(f"--out {out} holds a conversion made with other settings "
+                              f"({'; '.join(describe_change(k, old.get(k), summary.get(k)) for k in changed)}); "
+                              f"pass --overwrite to replace it, or choose another --out")
     if changed:
         LOGGER.warning("--overwrite: replacing %s (%s changed)", out, ", ".join(changed))
+
+
+def describe_change(key, before, after):
+    """'preprocessing.size: 32 there, 64 now' (the differing entries of a dict setting, else the values)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        return ", ".join(f"{key}.{k}: {before.get(k)!r} there, {after.get(k)!r} now" for k in keys)
+    return f"{key}: {before!r} there, {after!r} now"
 
 
 def _write_case(folder, case, entry, split, recipe):
@@ -354,7 +364,7 @@ def _write_case(folder, case, entry, split, recipe):
     size = recipe["size"]
     label = None
     if entry["label"] is not None:
-        label = preprocess_label(sitk.GetArrayViewFromImage(read_image(entry["label"])), axis, size)
+        label = preprocess_label(sitk.GetArrayFromImage(read_image(entry["label"])), axis, size)
         write_slice_h5(folder / "data" / f"{case}.h5", volume, label, stored_attrs(image, axis, size))
     if split not in ("train", "unlabeled"):
         return []

@@ -54,15 +54,31 @@ def read_image(path):
         raise ValueError(f"{path}: not a readable image ({cause[:200]})") from None
 
 
-def check_single_channel_3d(image, path):
-    """ValueError naming ``path`` unless ``image`` is a 3-D scalar image (one channel)."""
-    channels = image.GetNumberOfComponentsPerPixel()
+def check_shape(dimension, channels, size, path):
+    """ValueError naming ``path`` unless the image is 3-D with one channel per voxel."""
     if channels != 1:
         raise ValueError(f"{path}: {channels} channels per voxel (RGB or vector image); expected a single-channel "
                          f"3-D image (multi-channel input is not supported, see docs/own_data.md)")
-    if image.GetDimension() != 3:
-        raise ValueError(f"{path}: a {image.GetDimension()}-D image of size {image.GetSize()}; expected a 3-D "
-                         f"single-channel image (split 4-D series into one file per volume)")
+    if dimension != 3:
+        raise ValueError(f"{path}: a {dimension}-D image of size {tuple(size)}; expected a 3-D single-channel "
+                         f"image (split 4-D series into one file per volume)")
+
+
+def check_single_channel_3d(image, path):
+    """ValueError naming ``path`` unless ``image`` is a 3-D scalar image (one channel)."""
+    check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), path)
+
+
+def check_image_header(path):
+    """Read only the header of ``path``: ValueError unless a readable 3-D single-channel image."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        read_image(path)  # raises the one-line error naming the file
+        raise
+    check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), path)
 
 
 def check_recipe(recipe):
