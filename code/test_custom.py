@@ -5,6 +5,7 @@
 Predictions are written as <case>_pred.nii.gz in the original geometry of each case (size, spacing,
 origin, direction, slice axis); distances in voxels of the stored grid and in mm.
 """
+from dataloaders.converted import read_dataset_info
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.errors import run_cli
 from utils.testing import run_test, test_parser
@@ -19,9 +20,21 @@ def class_names(path):
     return tuple(card["classes"][1:])
 
 
+def check_fits(path, names, root):
+    """CheckpointError unless the checkpoint's classes are those of the converted folder ``root``."""
+    if root is None:
+        return
+    classes = read_dataset_info(root)["classes"]
+    if list(classes[1:]) != list(names):
+        raise CheckpointError(f"{path}: a model of classes {['background', *names]}, but {root}/dataset.json has "
+                              f"{classes}; expected a checkpoint trained on this data set")
+
+
 def main(argv=None):
     args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
-    return run_test(args, class_names(args.checkpoint))
+    names = class_names(args.checkpoint)
+    check_fits(args.checkpoint, names, args.root_path or load_checkpoint(args.checkpoint)["config"].get("root_path"))
+    return run_test(args, names)
 
 
 if __name__ == "__main__":

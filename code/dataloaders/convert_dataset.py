@@ -193,7 +193,7 @@ def check_geometry(image, label, image_path, label_path):
     for prop in ("Spacing", "Origin", "Direction"):
         a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
         if np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
-            raise ValueError(f"{label_path}: {prop.lower()} {tuple(b)} differs from the image's {tuple(a)} "
+            raise ValueError(f"{label_path}: {prop.lower()} {tuple(b.tolist())} differs from the image's {tuple(a.tolist())} "
                              f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
 
 
