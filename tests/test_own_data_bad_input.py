@@ -74,7 +74,7 @@ def test_label_values_outside_dataset_json(raw, tmp_path):
 def test_geometry_mismatch(raw, tmp_path):
     path = write_image(phantom((6, 36, 40), seed=1)[1], raw / "labelsTr" / "case_01.nii.gz", (0.8, 0.9, 3.0))
     message = converting(raw, tmp_path / "out")
-    assert message.startswith(f"error: {path}: spacing (0.8, 0.9, 3.0) differs from the image's")
+    assert message.startswith(f"error: {path}: spacing (0.8, 0.9, 3) differs from the image's")
     write_image(phantom((6, 30, 40), seed=1)[1], path, SPACING)
     assert converting(raw, tmp_path / "out").startswith(f"error: {path}: size (40, 30, 6) differs from the image's")
 

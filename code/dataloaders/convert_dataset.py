@@ -193,8 +193,13 @@ def check_geometry(image, label, image_path, label_path):
     for prop in ("Spacing", "Origin", "Direction"):
         a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
         if np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
-            raise ValueError(f"{label_path}: {prop.lower()} {tuple(b.tolist())} differs from the image's {tuple(a.tolist())} "
+            raise ValueError(f"{label_path}: {prop.lower()} {_show(b)} differs from the image's {_show(a)} "
                              f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
+
+
+def _show(values):
+    """'(0.8, 0.9, 3)': a vector with 6 significant digits."""
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def label_values(label, path):
