@@ -150,7 +150,9 @@ def random_weights(path, seed=0):
     hold several classes, so a voxel-for-voxel comparison means something)."""
     state = load_checkpoint(path)
     torch.manual_seed(seed)
-    state["model"] = build_model(int(state["num_classes"])).state_dict()
+    weights = build_model(int(state["num_classes"])).state_dict()
+    weights["out_conv.weight"] *= 100  # features, not the biases, decide the argmax
+    state["model"] = weights
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
     return path
 

@@ -161,3 +161,19 @@ def geometry_meta(image, axis):
             "origin": tuple(float(v) for v in image.GetOrigin()),
             "direction": tuple(float(v) for v in image.GetDirection()),
             "slice_axis": int(axis)}
+
+
+def export_h5_volume(h5_path, out_path, key="image"):
+    """Write dataset ``key`` of a processed volume (``data/<case>.h5``) as an image file, with the
+    geometry the test scripts give its predictions: the stored ``spacing`` attribute (array order,
+    reversed for SimpleITK) when present, else 1 mm; origin 0 and identity direction. Used to hand the
+    processed ACDC volumes (no stored geometry) to ``predict.py``."""
+    import h5py
+    with h5py.File(h5_path, "r") as f:
+        array = np.asarray(f[key])
+        spacing = tuple(float(s) for s in reversed(np.asarray(f.attrs["spacing"]).ravel())) \
+            if "spacing" in f.attrs else (1.0, 1.0, 1.0)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(out_path), True)
+    return Path(out_path)
