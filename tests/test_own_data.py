@@ -146,13 +146,18 @@ def test_every_method_trains_on_label_less_cases(dataset, tmp_path, method):
 
 
 def random_weights(path, seed=0):
-    """Replace the weights of checkpoint ``path`` by a seeded random network's (its predictions then
-    hold several classes, so a voxel-for-voxel comparison means something)."""
+    """Replace the weights of checkpoint ``path`` by a seeded random network's whose output biases
+    centre each class's logits on a random input, so that its predictions hold several classes and a
+    voxel-for-voxel comparison means something."""
     state = load_checkpoint(path)
     torch.manual_seed(seed)
-    weights = build_model(int(state["num_classes"])).state_dict()
-    weights["out_conv.weight"] *= 100  # features, not the biases, decide the argmax
-    state["model"] = weights
+    model = build_model(int(state["num_classes"])).eval()
+    with torch.no_grad():
+        model.out_conv.weight *= 100  # features, not the biases, decide the argmax
+        size = state["config"]["model_card"]["image_size"]
+        logits = model(torch.rand(4, 1, size, size, generator=torch.Generator().manual_seed(seed)))
+        model.out_conv.bias -= logits.transpose(0, 1).flatten(1).median(dim=1).values
+    state["model"] = model.state_dict()
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, path)
     return path
 
