@@ -147,11 +147,13 @@ def main(argv=None):
           f"predict.py peaks at {results['import_rss_mib']:.0f} MiB")
     for run in results["runs"]:
         if run["name"] == "acdc":
-            print(f"acdc: {run['volumes']} val volumes in {run['wall_seconds']:.1f} s = {run['seconds_per_volume']:.2f} s "
-                  f"per volume (goal < 1 s; {run['predict_seconds_per_volume']:.2f} s after the {run['import_seconds']:.1f} s "
-                  f"of imports), peak {run['peak_rss_mib']:.0f} MiB")
+            print(f"acdc: {run['volumes']} val volumes in {run['wall_seconds']:.1f} s = "
+                  f"{run['seconds_per_volume']:.2f} s per volume (goal < 1 s; "
+                  f"{run['predict_seconds_per_volume']:.2f} s "
+                  f"after the {run['import_seconds']:.1f} s of imports), peak {run['peak_rss_mib']:.0f} MiB")
         else:
-            print(f"large {'x'.join(map(str, run['size_xyz']))}: {run['wall_seconds']:.1f} s, peak {run['peak_rss_mib']:.0f} MiB "
+            print(f"large {'x'.join(map(str, run['size_xyz']))}: {run['wall_seconds']:.1f} s, "
+                  f"peak {run['peak_rss_mib']:.0f} MiB "
                   f"(goal < {run['goal_mib']:.0f} MiB = 3 x {run['float32_volume_mib']:.0f} + 1024)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -50,7 +50,8 @@ def parser():
     p.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="flip: average the softmax over the in-plane flips (4 forwards per slice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=8, help="slices per forward (bounds the memory: ~45 MB per slice at 256² on the CPU)")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="slices per forward (bounds the memory: ~45 MB per slice at 256² on the CPU)")
     p.add_argument("--save_probabilities", action="store_true", help="also write {case}.npz with the class "
                    "probabilities on the input grid")
     p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint trained on a converted data set: Dice, Jaccard, HD95, ASD per class (names from the checkpoint).
+"""Evaluate a checkpoint trained on a converted data set: Dice, Jaccard, HD95, ASD per class (names from its card).
 
     python code/test_custom.py --checkpoint model/Prostate42_SSCD_15_labeled/best.pth --split val
 

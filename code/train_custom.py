@@ -1,4 +1,4 @@
-"""Train on your own data set (converted by code/dataloaders/convert_dataset.py): any --method, classes from its dataset.json.
+"""Train on your own data set converted by code/dataloaders/convert_dataset.py: any --method, classes from dataset.json.
 
     python code/dataloaders/convert_dataset.py --input Dataset042_Prostate --out data/Prostate42 --image_size 256
     python code/train_custom.py --root_path data/Prostate42 [--method sscd|bcp|abd|labeled_only] [--labelnum K]
@@ -27,7 +27,8 @@ def dataset_defaults(argv):
     if not known.root_path:
         raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
     if known.num_classes is not None:
-        raise SystemExit(f"--num_classes {known.num_classes}: the class count comes from {known.root_path}/dataset.json")
+        raise SystemExit(f"--num_classes {known.num_classes}: the class count comes from "
+                         f"{known.root_path}/dataset.json")
     info = read_dataset_info(known.root_path)
     return int(info["num_classes"]), len(read_list(known.root_path, "train.list"))
 

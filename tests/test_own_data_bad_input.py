@@ -54,7 +54,8 @@ def trained(tmp_path_factory):
 
 def test_label_without_image(raw, tmp_path):
     shutil.copy(raw / "labelsTr" / "case_00.nii.gz", raw / "labelsTr" / "ghost.nii.gz")
-    assert converting(raw, tmp_path / "out") == (f"error: {raw / 'labelsTr' / 'ghost.nii.gz'}: a label without an image "
+    ghost = raw / "labelsTr" / "ghost.nii.gz"
+    assert converting(raw, tmp_path / "out") == (f"error: {ghost}: a label without an image "
                                                  f"(expected imagesTr/ghost_0000.nii.gz)")
 
 
@@ -95,7 +96,8 @@ def test_four_d_and_multi_channel_images(raw, tmp_path):
 
 def test_empty_input_folder_and_unreadable_file(tmp_path):
     (tmp_path / "empty" / "images").mkdir(parents=True)
-    assert converting(tmp_path / "empty", tmp_path / "o") == f"error: --input {tmp_path / 'empty'}: no image files found"
+    empty = tmp_path / "empty"
+    assert converting(empty, tmp_path / "o") == f"error: --input {empty}: no image files found"
     (tmp_path / "empty" / "images" / "broken.nii.gz").write_bytes(b"not an image at all")
     message = converting(tmp_path / "empty", tmp_path / "o")
     assert message.startswith(f"error: {tmp_path / 'empty' / 'images' / 'broken.nii.gz'}: not a readable image")
@@ -133,7 +135,8 @@ def test_predict_refuses_extra_channels_and_4d_inputs(trained, tmp_path):
     args = ["-i", str(inputs), "-o", str(tmp_path / "out"), "--checkpoint", str(final)]
     assert error_of(predict.main, args).startswith(f"error: {inputs / 'new_00_0001.nii.gz'}: a second input channel")
     (inputs / "new_00_0001.nii.gz").unlink()
-    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 8, 8), np.int16), isVector=False), str(inputs / "series.nii.gz"))
+    series = sitk.GetImageFromArray(np.zeros((2, 4, 8, 8), np.int16), isVector=False)
+    sitk.WriteImage(series, str(inputs / "series.nii.gz"))
     assert error_of(predict.main, args).startswith(f"error: {inputs / 'series.nii.gz'}: a 4-D image")
     assert not (tmp_path / "out").exists()  # checked before anything is written
 

@@ -262,8 +262,10 @@ def resolve_splits(labeled, args):
             given = json.loads(path.read_text())
             val, test = list(given.get("val", [])), list(given.get("test", []))
         except (ValueError, AttributeError, OSError) as err:
-            raise ValueError(f"--splits {path}: expected a JSON file {{\"val\": [...], \"test\": [...]}} ({err})") from None
-        val, test = _case_list(",".join(val), f"--splits {path}", known), _case_list(",".join(test), f"--splits {path}", known)
+            raise ValueError(f"--splits {path}: expected a JSON file {{\"val\": [...], \"test\": [...]}} "
+                             f"({err})") from None
+        val = _case_list(",".join(val), f"--splits {path}", known)
+        test = _case_list(",".join(test), f"--splits {path}", known)
         how = f"file {path.resolve()}"
     elif args.val_cases or args.test_cases:
         val = _case_list(args.val_cases or "", "--val_cases", known)
@@ -384,7 +386,8 @@ def _write_dataset(folder, cases, summary):
     """Every case, the lists and dataset.json into ``folder``."""
     (folder / "data" / "slices").mkdir(parents=True)
     splits, recipe = summary["splits"], summary["preprocessing"]
-    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]] + [("unlabeled", c) for c in summary["unlabeled"]]
+    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]]
+    ordered += [("unlabeled", c) for c in summary["unlabeled"]]
     slices = {"train": [], "unlabeled": []}
     for split, case in tqdm(ordered, desc="converting", unit="case", disable=not sys.stderr.isatty()):
         ids = _write_case(folder, case, cases[case], split, recipe)
