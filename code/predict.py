@@ -75,14 +75,16 @@ def list_inputs(source):
                  and not p.name.lower().endswith(IGNORED_SUFFIXES)]
     else:
         raise FileNotFoundError(f"-i {source}: no such file or folder")
-    cases, seen = [], {}
     for path in paths:
         if image_ending(path.name) is None:
             raise ValueError(f"{path}: not an image file predict.py reads (expected .nii.gz, .nii, .mha, .mhd, .nrrd)")
+    stems = {path.name[: -len(image_ending(path.name))] for path in paths}
+    cases, seen = [], {}
+    for path in paths:
         stem = path.name[: -len(image_ending(path.name))]
-        if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000":
-            raise ValueError(f"{path}: a second input channel ({stem[-5:]}); this model takes one channel "
-                             f"(expected only {{case}}_0000 files)")
+        if stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000" and f"{stem[:-5]}{CHANNEL}" in stems:
+            raise ValueError(f"{path}: a second input channel of case {stem[:-5]} ({stem[-5:]}); this model takes one "
+                             f"channel (expected only {{case}}_0000 files)")
         case, ending = case_name(path)
         if case in seen:
             raise ValueError(f"{path}: case {case} also comes from {seen[case].name}; expected one file per case")

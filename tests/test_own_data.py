@@ -232,3 +232,13 @@ def test_predict_resumes_skips_finished_and_writes_probabilities(dataset, tmp_pa
     predict.main(args + ["--overwrite", "--tta", "flip", "--lcc"])
     flipped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "new_00.nii.gz")))
     assert flipped.shape == label.shape and set(np.unique(flipped)) <= {0, 1, 2}
+
+
+def test_predict_case_names_follow_the_nnunet_channel_suffix(tmp_path):
+    for name in ("a_0000.nii.gz", "scan_0001.mha", "b.nrrd", "notes.txt", "c.mhd", "c.zraw"):
+        (tmp_path / name).write_bytes(b"")
+    cases = predict.list_inputs(tmp_path)
+    assert [(case, path.name, ending) for case, path, ending in cases] == [
+        ("a", "a_0000.nii.gz", ".nii.gz"), ("b", "b.nrrd", ".nrrd"), ("c", "c.mhd", ".mhd"),
+        ("scan_0001", "scan_0001.mha", ".mha")]
+    assert predict.output_name("c", ".mhd") == "c.mha" and predict.output_name("a", ".nii.gz") == "a.nii.gz"
