@@ -72,13 +72,13 @@ print(json.dumps({"import_seconds": imported - start, "predict_seconds": done - 
 """
 
 
-def timed_predict(inputs, out, checkpoint, threads, batch_size):
+def timed_predict(inputs, out, checkpoint, threads, batch_size, extra=()):
     """{wall seconds, import seconds, predict seconds, peak RSS in MiB} of one fresh predict.py process
     over ``inputs`` (the process reports its own peak, so runs do not mix)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO / "code")}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, "-i", str(inputs), "-o", str(out), "--checkpoint",
-                           str(checkpoint), "--device", "cpu", "--batch_size", str(batch_size)],
+                           str(checkpoint), "--device", "cpu", "--batch_size", str(batch_size), *extra],
                           env=env, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - start
     return {"wall_seconds": wall, **json.loads(done.stdout.strip().splitlines()[-1])}
@@ -92,16 +92,19 @@ def baseline_rss(threads):
     return int(out.split()[-1]) / 1024
 
 
-def bench_acdc(root, work, checkpoint, threads, batch_size):
-    """Seconds per volume over the ACDC val volumes (file to written file)."""
+def bench_acdc(root, work, checkpoint, threads, batch_size, fast=False):
+    """Seconds per volume over the ACDC val volumes (file to written file); ``fast``: with
+    ``--amp bf16 --channels_last on``."""
     inputs = work / "acdc_in"
-    inputs.mkdir()
     cases = (Path(root) / "val.list").read_text().split()
-    for case in cases:
-        export_h5_volume(Path(root) / "data" / f"{case}.h5", inputs / f"{case}_0000.nii.gz")
+    if not inputs.is_dir():
+        inputs.mkdir()
+        for case in cases:
+            export_h5_volume(Path(root) / "data" / f"{case}.h5", inputs / f"{case}_0000.nii.gz")
     checkpoint = checkpoint or random_checkpoint(work / "acdc.pth", "ACDC", 4, 256)
-    run = timed_predict(inputs, work / "acdc_out", checkpoint, threads, batch_size)
-    return {"name": "acdc", "volumes": len(cases), **run, "seconds_per_volume": run["wall_seconds"] / len(cases),
+    extra = ("--amp", "bf16", "--channels_last", "on") if fast else ()
+    run = timed_predict(inputs, work / f"acdc_out{'_fast' if fast else ''}", checkpoint, threads, batch_size, extra)
+    return {"name": "acdc", "flags": " ".join(extra) or "defaults (fp32, as the test scripts)", "volumes": len(cases), **run, "seconds_per_volume": run["wall_seconds"] / len(cases),
             "predict_seconds_per_volume": run["predict_seconds"] / len(cases), "goal": "< 1 s per volume"}
 
 
@@ -141,13 +144,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.acdc_root:
-            results["runs"].append(bench_acdc(args.acdc_root, work, args.checkpoint, args.threads, args.batch_size))
+            for fast in (False, True):
+                results["runs"].append(bench_acdc(args.acdc_root, work, args.checkpoint, args.threads,
+                                                  args.batch_size, fast))
         results["runs"].append(bench_large(work, args.large_size, args.threads, args.batch_size))
     print(f"CPU {results['cpu']}, {args.threads} threads, torch {results['torch']}; a process that only imports "
           f"predict.py peaks at {results['import_rss_mib']:.0f} MiB")
     for run in results["runs"]:
         if run["name"] == "acdc":
-            print(f"acdc: {run['volumes']} val volumes in {run['wall_seconds']:.1f} s = "
+            print(f"acdc, {run['flags']}: {run['volumes']} val volumes in {run['wall_seconds']:.1f} s = "
                   f"{run['seconds_per_volume']:.2f} s per volume (goal < 1 s; "
                   f"{run['predict_seconds_per_volume']:.2f} s "
                   f"after the {run['import_seconds']:.1f} s of imports), peak {run['peak_rss_mib']:.0f} MiB")
