@@ -6,7 +6,8 @@ def test_bench_predict_reports_each_measurement(acdc_root, tmp_path, capsys):
     bench = load_script("bench/bench_predict.py")
     results = bench.main(["--acdc_root", str(acdc_root), "--large_size", "40", "32", "6", "--threads", "1",
                           "--out", str(tmp_path / "r.json")])
-    acdc, fast, large = results["runs"]
+    acdc, channels_last, fast, large = results["runs"]
+    assert channels_last["flags"] == "--channels_last on"
     assert fast["flags"] == "--amp bf16 --channels_last on" and fast["volumes"] == acdc["volumes"]
     volumes = len((acdc_root / "val.list").read_text().split())
     assert acdc["volumes"] == volumes and abs(acdc["seconds_per_volume"] * volumes - acdc["wall_seconds"]) < 1e-9
