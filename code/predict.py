@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dataloaders.volume_io import (check_image_header, check_recipe, geometry_meta, image_ending,
                                    preprocess_image, read_image)
 from dataloaders.dataset import resize_nearest
-from networks.unet import build_model
+from networks.unet import CHANNELS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.errors import run_cli
 from utils.evaluation import predict_volume
@@ -131,7 +131,11 @@ def load_predictor(path, device):
         raise CheckpointError(f"{path}: a model of {card['input_channels']} input channels; predict.py feeds one")
     if int(state["num_classes"]) != len(card["classes"]):
         raise CheckpointError(f"{path}: {state['num_classes']} output classes, the card names {len(card['classes'])}")
-    model = build_model(card["network"]["class_num"], card["network"]["in_chns"])
+    network = card["network"]
+    if network.get("name") != "unet" or list(network.get("channels", CHANNELS)) != list(CHANNELS):
+        raise CheckpointError(f"{path}: a {network.get('name')} network of widths {network.get('channels')}; this code "
+                              f"builds the unet of widths {list(CHANNELS)}")
+    model = build_model(network["class_num"], network["in_chns"])
     load_model_state(model, state["model"], path)
     return model.to(device).eval(), card
 

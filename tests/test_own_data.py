@@ -142,6 +142,7 @@ def test_every_method_trains_on_label_less_cases(dataset, tmp_path, method):
     card = state["config"]["model_card"]
     assert card["classes"] == ["background", "outer", "core"] and card["dataset"] == "CUSTOM"
     assert card["preprocessing"]["size"] == SIZE and card["image_size"] == SIZE and card["input_channels"] == 1
+    assert card["network"] == {"name": "unet", "in_chns": 1, "class_num": 3, "channels": [16, 32, 64, 128, 256]}
     assert state["num_classes"] == 3
 
 

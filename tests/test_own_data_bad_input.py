@@ -155,6 +155,12 @@ def test_checkpoint_that_does_not_fit(trained, tmp_path):
                        f"this data set")
     args = ["-i", str(raw / "imagesTs"), "-o", str(tmp_path / "p"), "--checkpoint", str(tmp_path / "two.pth")]
     assert error_of(predict.main, args) == f"error: {tmp_path / 'two.pth'}: 3 output classes, the card names 2"
+    card = state["config"]["model_card"]
+    other["config"] = {**state["config"], "model_card": {**card, "network": {**card["network"], "channels": [8, 16]}}}
+    save_checkpoint(other, tmp_path / "narrow.pth")
+    args[-1] = str(tmp_path / "narrow.pth")
+    assert error_of(predict.main, args) == (f"error: {tmp_path / 'narrow.pth'}: a unet network of widths [8, 16]; "
+                                            f"this code builds the unet of widths [16, 32, 64, 128, 256]")
     other["config"] = {k: v for k, v in state["config"].items() if k != "model_card"}
     save_checkpoint(other, tmp_path / "old.pth")
     args[-1] = str(tmp_path / "old.pth")

@@ -5,12 +5,14 @@ Stored in every checkpoint as ``config["model_card"]`` (plain values, read with
 
     {"format": "sscd-model-card-v1", "dataset": "ACDC" | "PROMISE12" | "CUSTOM",
      "classes": ["background", ...], "num_classes": C, "input_channels": 1,
-     "network": {"name": "unet", "in_chns": 1, "class_num": C},
+     "network": {"name": "unet", "in_chns": 1, "class_num": C, "channels": [16, 32, 64, 128, 256]},
      "image_size": S,                  # the network's input size (--image_size)
      "preprocessing": {...}}           # the recipe of dataloaders.volume_io (normalisation, slice axis, size)
 """
 import json
 from pathlib import Path
+
+from networks.unet import CHANNELS
 
 CARD_FORMAT = "sscd-model-card-v1"
 CLASSES = {"ACDC": ["background", "RV", "Myo", "LV"], "PROMISE12": ["background", "gland"]}
@@ -42,5 +44,5 @@ def model_card(dataset, root, num_classes, image_size, in_chns=1):
         classes = classes[:1] + [f"class{k}" for k in range(1, num_classes)]
     return {"format": CARD_FORMAT, "dataset": dataset, "classes": classes, "num_classes": int(num_classes),
             "input_channels": int(in_chns), "network": {"name": "unet", "in_chns": int(in_chns),
-                                                        "class_num": int(num_classes)},
+                                                        "class_num": int(num_classes), "channels": list(CHANNELS)},
             "image_size": int(image_size), "preprocessing": recipe}
