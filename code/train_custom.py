@@ -9,6 +9,7 @@ cases in unlabeled.list, which have no label on disk. The class count comes from
 (--num_classes is not a flag here). Every flag of the ACDC/PROMISE12 trainers applies.
 """
 import argparse
+import sys
 
 from dataloaders.converted import read_dataset_info
 from dataloaders.dataset import read_list
@@ -22,8 +23,9 @@ def dataset_defaults(argv):
     pre.add_argument("--root_path")
     pre.add_argument("--num_classes")
     known, _ = pre.parse_known_args(argv)
-    if "-h" in (argv or []) or "--help" in (argv or []):
-        return 2, 1
+    words = sys.argv[1:] if argv is None else argv
+    if "-h" in words or "--help" in words:
+        return 2, 1  # placeholders: the help text needs no data set
     if not known.root_path:
         raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
     if known.num_classes is not None:
