@@ -71,7 +71,8 @@ def test_run_writes_its_outputs(finished_run, synthetic_root):
     config = yaml.safe_load((save / "config.yaml").read_text())
     assert config["image_size"] == 32 and config["max_iterations"] == 6
     assert config["root_path"] == str(synthetic_root) and config["labeled_bs"] == 2
-    assert last["config"] == config
+    assert last["config"] == {**config, "model_card": last["config"]["model_card"]}  # config.yaml + what predict needs
+    assert last["config"]["model_card"]["classes"] == ["background", "RV", "Myo", "LV"]
 
 
 def test_resume_after_finished_run_does_nothing(finished_run, synthetic_root):

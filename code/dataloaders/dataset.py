@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from dataloaders.augment import augment
 
+# the label of an unlabeled slice in the training cache (it has none on disk)
+UNLABELED = 255
 # labeled patients -> labeled slices at the head of ACDC's train_slices.list
 ACDC_LABELED_SLICES = {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
 
@@ -118,6 +120,29 @@ def load_h5(path, ndim, num_classes, expected_size=None):
     return image, label.astype(np.uint8), attrs
 
 
+def load_image_h5(path, ndim, expected_size=None):
+    """The float32 'image' of an h5 file that has no label (an unlabeled slice of a converted data
+    set), validated: ``ndim``-D, finite, and (``expected_size``) S x S."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: listed but not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f:
+                raise KeyError(f"{path}: missing dataset 'image'")
+            image = np.asarray(f["image"], dtype=np.float32)
+    except OSError as err:
+        raise OSError(f"{path}: not a readable h5 file ({err})") from err
+    if image.ndim != ndim:
+        raise ValueError(f"{path}: image of shape {image.shape}, expected {ndim}-D")
+    if not np.isfinite(image).all():
+        raise ValueError(f"{path}: the image holds NaN/inf values; expected finite intensities")
+    if expected_size is not None and tuple(image.shape[-2:]) != (expected_size, expected_size):
+        raise ValueError(f"{path}: slices of {image.shape[-2]}x{image.shape[-1]}, but the folder's dataset.json "
+                         f"declares {expected_size}x{expected_size}")
+    return image
+
+
 def resize_nearest(x, size):
     """Nearest-neighbour resize of the last two axes of a tensor to ``size`` (h, w)."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -130,14 +155,21 @@ def resize_nearest(x, size):
 
 class SliceCache:
     """All training slices of ``ids`` in memory, resized to ``image_size``: tensors
-    ``images`` (N,1,S,S) float32 and ``labels`` (N,S,S) uint8."""
+    ``images`` (N,1,S,S) float32 and ``labels`` (N,S,S) uint8. The slices named in ``unlabeled``
+    have no label on disk (converted data sets): only their image is read, and their label is
+    ``UNLABELED`` (255) everywhere, a value outside every class range, so a loss given one fails."""
 
-    def __init__(self, root, ids, image_size, num_classes):
+    def __init__(self, root, ids, image_size, num_classes, unlabeled=()):
         root = check_root(root)
         size, declared = (image_size, image_size), declared_size(root)
-        images, labels = [], []
+        images, labels, unlabeled = [], [], set(unlabeled)
         for sid in ids:
-            image, label, _ = load_h5(root / "data" / "slices" / f"{sid}.h5", 2, num_classes, declared)
+            path = root / "data" / "slices" / f"{sid}.h5"
+            if sid in unlabeled:  # a slice with no label at all: a placeholder no loss accepts
+                image = load_image_h5(path, 2, declared)
+                label = np.full(image.shape, UNLABELED, dtype=np.uint8)
+            else:
+                image, label, _ = load_h5(path, 2, num_classes, declared)
             images.append(resize_nearest(torch.from_numpy(image), size))
             labels.append(resize_nearest(torch.from_numpy(label), size))
         self.ids = list(ids)

@@ -8,18 +8,20 @@ from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_
 DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}
 
 
-def sscd_parser(dataset, description):
-    """The flags of an SSCD trainer for ``dataset`` (docs/flags.md is generated from this parser)."""
-    num_classes, labelnum = DATASETS[dataset]
+def sscd_parser(dataset, description, defaults=None):
+    """The flags of an SSCD trainer for ``dataset`` (docs/flags.md is generated from this parser).
+    ``defaults``: (number of classes, default --labelnum) of a dataset not in ``DATASETS`` (a
+    converted folder: read from its dataset.json)."""
+    num_classes, labelnum = defaults or DATASETS[dataset]
     parser = add_sscd_args(base_parser(description, dataset, num_classes=num_classes, labelnum=labelnum))
     parser.set_defaults(exp=f"{dataset}_SSCD", max_iterations=None)
     return parser
 
 
-def train_main(dataset, description, argv=None):
+def train_main(dataset, description, argv=None, defaults=None):
     """Parse the flags (preset < --config < command line), run pre-training and every stage, and
-    return the final checkpoint's path (also logged)."""
-    parser = sscd_parser(dataset, description)
+    return the final checkpoint's path (also logged). ``defaults``: as for ``sscd_parser``."""
+    parser = sscd_parser(dataset, description, defaults)
     args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
     run = Run(args, dataset, run_outputs(args, len(stages)))

@@ -17,18 +17,18 @@ from utils.metrics import case_metrics
 
 @torch.no_grad()
 def predict_volume(model, image, image_size, device, batch_size=64):
-    """Label volume (D,H,W) uint8 predicted slice-wise for ``image`` (D,H,W) float."""
+    """Label volume (D,H,W) uint8 predicted slice-wise for ``image`` (D,H,W) float. Slices go to
+    ``device`` ``batch_size`` at a time (device memory: one batch, not the volume)."""
     model.eval()
     device = torch.device(device)
-    vol = torch.as_tensor(image, dtype=torch.float32, device=device)
+    vol = torch.as_tensor(image, dtype=torch.float32)
     size = vol.shape[-2:]
-    slices = resize_nearest(vol, (image_size, image_size))[:, None]
     preds = []
-    for start in range(0, slices.shape[0], batch_size):
-        logits = model(slices[start:start + batch_size])
-        preds.append(logits.argmax(dim=1).to(torch.uint8))
-    pred = resize_nearest(torch.cat(preds), size)
-    return pred.cpu().numpy()
+    for start in range(0, vol.shape[0], batch_size):
+        slices = resize_nearest(vol[start:start + batch_size].to(device), (image_size, image_size))[:, None]
+        logits = model(slices)
+        preds.append(resize_nearest(logits.argmax(dim=1).to(torch.uint8), size).cpu())
+    return torch.cat(preds).numpy()
 
 
 def present_classes(volumes, num_classes):

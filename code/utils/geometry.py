@@ -8,7 +8,10 @@ these attributes:
 - ``orig_spacing`` (x, y, z) spacing of the source image, SimpleITK order;
 - ``orig_size``    (x, y, z) size of the source image, SimpleITK order;
 - ``origin``       (x, y, z) origin of the source image;
-- ``direction``    9 floats, row-major direction matrix of the source image.
+- ``direction``    9 floats, row-major direction matrix of the source image;
+- ``slice_axis``   (optional, converted data sets) the source axis the slices run along, SimpleITK
+                   index x 0, y 1, z 2 (default z): the stored stack is the source array with that
+                   axis moved first (``dataloaders.volume_io.to_slices``).
 
 The resize maps pixel centres to pixel centres (``scipy.ndimage.zoom`` with ``grid_mode=True``,
 identical to ``torch.nn.functional.interpolate(..., align_corners=False)``), so an in-plane pixel of
@@ -21,7 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-META_KEYS = ("spacing", "orig_spacing", "origin", "direction", "orig_size")
+META_KEYS = ("spacing", "orig_spacing", "origin", "direction", "orig_size", "slice_axis")
 
 
 def resize_slices(volume, out_hw, order):
@@ -75,8 +78,8 @@ def load_volume_meta(h5_path):
         for key in META_KEYS:
             if key in f.attrs:
                 values = np.asarray(f.attrs[key]).ravel()
-                cast = int if key == "orig_size" else float
-                meta[key] = tuple(cast(v) for v in values)
+                cast = int if key in ("orig_size", "slice_axis") else float
+                meta[key] = int(values[0]) if key == "slice_axis" else tuple(cast(v) for v in values)
     return meta
 
 
@@ -100,12 +103,18 @@ def restore_original_geometry(pred, meta):
     if "orig_size" not in meta:
         raise ValueError("restore_original_geometry: meta has no 'orig_size' (x, y, z)")
     _check_meta_lengths(meta)
+    axis = int(meta.get("slice_axis", 2))
+    if axis not in (0, 1, 2):
+        raise ValueError(f"meta['slice_axis'] must be 0, 1 or 2, got {axis}")
     nx, ny, nz = meta["orig_size"]
-    if pred.shape[0] != nz:
+    shape = [nz, ny, nx]
+    depth = shape.pop(2 - axis)
+    height, width = shape
+    if pred.shape[0] != depth:
         raise ValueError(
             f"restore_original_geometry: prediction has {pred.shape[0]} slices, "
-            f"meta['orig_size'] says {nz}")
-    return resize_slices(pred, (ny, nx), order=0)
+            f"meta['orig_size'] {meta['orig_size']} says {depth} along axis {axis}")
+    return np.moveaxis(resize_slices(pred, (height, width), order=0), 0, 2 - axis)
 
 
 def write_label_image(pred, meta, path):
@@ -128,7 +137,7 @@ def write_label_image(pred, meta, path):
         array = restore_original_geometry(pred, meta)
     else:
         array = pred
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.uint8))
     if "orig_size" in meta:
         for key in ("orig_spacing", "origin", "direction"):
             if key not in meta:

@@ -13,6 +13,7 @@ import torch
 import torch._dynamo.exc
 import torch._inductor.exc
 
+from dataloaders.converted import ConvertedTrainData
 from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load_volumes
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
@@ -24,14 +25,17 @@ from utils.device import apply_backend_flags, backend_flags, resolve_determinist
 from utils.engine import ScalerState, close_logger, get_logger, seed_everything, train_loop
 from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
+from utils.model_card import model_card
 
 SYNTHETIC_ROOT = Path("data") / "synthetic_ACDC"
 SYNTHETIC_PATIENTS = 20
 # labeled-slice tables per dataset; None = count the slices of the first --labelnum cases
-LABEL_TABLES = {"ACDC": ACDC_LABELED_SLICES, "PROMISE12": None}
+LABEL_TABLES = {"ACDC": ACDC_LABELED_SLICES, "PROMISE12": None, "CUSTOM": None}
 # datasets whose raw files must be converted first: the command, shown when --root_path is not converted
 PREPROCESS_COMMANDS = {"PROMISE12": "python code/dataloaders/preprocess_promise12.py --raw {root} --out <folder> "
-                                    "--image_size {size}"}
+                                    "--image_size {size}",
+                       "CUSTOM": "python code/dataloaders/convert_dataset.py --input <your data> --out {root} "
+                                 "--image_size {size}"}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 # rank r draws its batches, boxes and dropout from seed + r * RANK_SEED_STRIDE (rank 0: the plain seeds)
 RANK_SEED_STRIDE = 100003
@@ -226,6 +230,9 @@ class Run:
         except OSError as err:
             self.close()
             raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
+        # what predict.py needs (classes, preprocessing, network): in every checkpoint, not in config.yaml
+        self.config["model_card"] = model_card(dataset if not self.synthetic else "ACDC", self.root,
+                                               args.num_classes, args.image_size)
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
         self._split_batch()
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
@@ -263,7 +270,10 @@ class Run:
     def train_data(self):
         a = self.args
         table = None if self.synthetic else LABEL_TABLES[self.dataset]
-        data = TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table)
+        if self.dataset == "CUSTOM":  # converted data: unlabeled cases have no label on disk
+            data = ConvertedTrainData(self.root, a.labelnum, a.image_size, a.num_classes)
+        else:
+            data = TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table)
         if data.absent_in_labeled:
             self.logger.warning(f"WARNING: class(es) {data.absent_in_labeled} occur in none of the "
                                 f"{len(data.labeled)} labeled slices (--labelnum {a.labelnum}): the supervised "

@@ -1,0 +1,477 @@
+"""Convert your own NIfTI/MHA/MHD/NRRD data set, with or without labels per case, into this project's layout.
+
+Usage::
+
+    python code/dataloaders/convert_dataset.py --input Dataset042_Prostate --out data/Prostate42 \\
+        [--image_size 256] [--unlabeled DIR] [--class_names gland] [--val_cases A,B | --splits FILE]
+
+Input (``--input``), one of:
+
+- an nnU-Net v2 raw folder: ``dataset.json`` (``channel_names``, ``labels``, ``file_ending``),
+  ``imagesTr/{case}_0000{ending}``, ``labelsTr/{case}{ending}``, ``imagesTs/`` (prediction only,
+  not converted). An ``imagesTr`` case without a ``labelsTr`` file is unlabeled;
+- a plain folder with ``images/`` and ``labels/``: ``images/{case}{ending}`` and, for labeled cases,
+  ``labels/{case}{ending}`` with the same name. Class names from ``--class_names`` (foreground,
+  comma-separated; default class1, class2, ... up to the largest label value).
+
+``--unlabeled DIR`` adds every image file of DIR (``{case}{ending}`` or ``{case}_0000{ending}``) to the
+unlabeled pool. Images must be 3-D and single-channel (multi-channel and 4-D files are refused).
+
+Output (``--out``)::
+
+    dataset.json        classes, preprocessing recipe (dataset-level), splits, labeled order, sources
+    train.list          labeled training cases, in the order --labelnum takes them (first k = labeled)
+    unlabeled.list      cases without a label: their slices carry NO 'label' dataset
+    val.list, test.list labeled evaluation cases (by case, never by slice)
+    train_slices.list   slices of train.list cases, then of unlabeled.list cases
+    data/slices/<case>_slice_<k>.h5   'image' float32 (S, S) [+ 'label' uint8 (S, S) for labeled cases]
+    data/<case>.h5      labeled cases: 'image' float32 (D, S, S), 'label' uint8 (D, S, S), geometry attrs
+
+Preprocessing (``dataloaders.volume_io``, replayed by ``code/predict.py``): the slices run along the
+axis of largest spacing (``--slice_axis``); each volume is clipped to its 0.5 / 99.5 percentiles and
+min-max mapped to [0, 1]; slices are resized to S x S (bilinear; labels nearest).
+
+Splits: ``--val_cases`` / ``--test_cases`` (comma-separated case ids), or ``--splits FILE`` (JSON
+``{"val": [...], "test": [...]}``), else a seeded split of the labeled cases (``--val_fraction``,
+``--seed``) that is printed and written to dataset.json. The train order is a seeded permutation
+(or ``--train_order FILE``, one case per line).
+
+Every case is read and checked before anything is written; the output is built in a temporary
+sibling folder and swapped in; an ``--out`` made with other settings is refused unless ``--overwrite``.
+"""
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+CODE_DIR = str(Path(__file__).resolve().parents[1])
+if CODE_DIR not in sys.path:
+    sys.path.insert(0, CODE_DIR)
+from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
+from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES, check_single_channel_3d,  # noqa: E402
+                                   geometry_meta, image_ending, preprocess_image, preprocess_label, read_image)
+from utils.errors import run_cli  # noqa: E402
+from utils.geometry import resized_spacing  # noqa: E402
+
+LOGGER = logging.getLogger("convert_dataset")
+FORMAT = "sscd-converted-v1"
+GEOMETRY_TOLERANCE = 1e-3
+CHANNEL = "_0000"
+# what makes two conversions the same data set (a rerun with other values is refused without --overwrite)
+SETTINGS = ("preprocessing", "source", "unlabeled_source", "classes", "splits", "unlabeled")
+
+
+def list_images(folder, what):
+    """{case: path} of the image files in ``folder`` (names without their ending); ValueError on a
+    file with another ending or a case named twice."""
+    found = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        ending = image_ending(path.name)
+        if ending is None:
+            if path.suffix.lower() in (".raw", ".zraw", ".gz", ".json", ".txt", ".list"):
+                continue  # MetaImage data files and notes beside the images
+            raise ValueError(f"{path}: not an image file this converter reads (expected one of .nii.gz, .nii, "
+                             f".mha, .mhd, .nrrd in {what})")
+        case = path.name[: -len(ending)]
+        if case in found:
+            raise ValueError(f"{path}: case {case} has two files in {what} ({found[case].name} and {path.name})")
+        found[case] = path
+    return found
+
+
+def nnunet_cases(folder):
+    """(cases, classes, layout info) of an nnU-Net v2 raw folder."""
+    info_path = folder / "dataset.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{info_path}: not valid JSON ({err})") from None
+    channels = info.get("channel_names") or info.get("modality") or {}
+    if len(channels) != 1:
+        raise ValueError(f"{info_path}: channel_names has {len(channels)} channels ({channels}); expected exactly "
+                         f"one (multi-channel input is not supported, see docs/own_data.md)")
+    labels = info.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise ValueError(f"{info_path}: expected 'labels' as {{name: value}} with background 0")
+    classes = class_names_from_labels(labels, info_path)
+    ending = info.get("file_ending")
+    if ending not in {*(e for e in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"))}:
+        raise ValueError(f"{info_path}: file_ending {ending!r}; expected one of .nii.gz, .nii, .mha, .mhd, .nrrd")
+    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir}: no such folder (expected imagesTr/{{case}}_0000{ending})")
+    cases = {}
+    for case, path in list_images(images_dir, "imagesTr").items():
+        if not case.endswith(CHANNEL):
+            raise ValueError(f"{path}: expected {{case}}_0000{ending} in imagesTr (a single channel, suffix _0000)")
+        cases[case[: -len(CHANNEL)]] = {"image": path, "label": None}
+    label_files = list_images(labels_dir, "labelsTr") if labels_dir.is_dir() else {}
+    for case, path in label_files.items():
+        if case not in cases:
+            raise FileNotFoundError(f"{path}: a label without an image (expected imagesTr/{case}_0000{ending})")
+        cases[case]["label"] = path
+    test_dir = folder / "imagesTs"
+    predict_only = sorted(c[: -len(CHANNEL)] if c.endswith(CHANNEL) else c
+                          for c in (list_images(test_dir, "imagesTs") if test_dir.is_dir() else {}))
+    return cases, classes, {"layout": "nnunet", "file_ending": ending, "channel_names": channels,
+                            "predict_only_cases": predict_only, "numTraining": info.get("numTraining")}
+
+
+def class_names_from_labels(labels, where):
+    """['background', name1, ...] from an nnU-Net ``labels`` mapping; ValueError unless its values are
+    0..C-1, each once (region-based labels are not supported)."""
+    by_value = {}
+    for name, value in labels.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: label {name!r} has value {value!r}; expected an integer (region-based "
+                             f"labels are not supported)")
+        if value in by_value:
+            raise ValueError(f"{where}: labels {by_value[value]!r} and {name!r} share the value {value}")
+        by_value[value] = name
+    if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
+        raise ValueError(f"{where}: label values {sorted(by_value)}; expected 0 (background), 1, ..., C-1")
+    return [by_value[k] for k in range(len(by_value))]
+
+
+def pair_cases(folder):
+    """Cases of a plain ``images/`` + ``labels/`` folder (same file names)."""
+    images_dir, labels_dir = folder / "images", folder / "labels"
+    cases = {case: {"image": path, "label": None} for case, path in list_images(images_dir, "images").items()}
+    if labels_dir.is_dir():
+        for case, path in list_images(labels_dir, "labels").items():
+            if case not in cases:
+                raise FileNotFoundError(f"{path}: a label without an image (expected {images_dir / path.name})")
+            cases[case]["label"] = path
+    return cases, {"layout": "pairs", "file_ending": None, "channel_names": {"0": "image"},
+                   "predict_only_cases": [], "numTraining": None}
+
+
+def discover(input_dir, unlabeled_dir=None):
+    """(cases, classes or None, layout info): every case of ``input_dir`` (nnU-Net raw or images/ +
+    labels/) plus the images of ``unlabeled_dir`` (label None)."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--input {folder}: not a folder")
+    if (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir():
+        cases, classes, info = nnunet_cases(folder)
+    elif (folder / "images").is_dir():
+        (cases, info), classes = pair_cases(folder), None
+    else:
+        raise FileNotFoundError(f"--input {folder}: expected an nnU-Net raw folder (dataset.json + imagesTr/) or a "
+                                f"folder with images/ (and labels/)")
+    if unlabeled_dir is not None:
+        extra = Path(unlabeled_dir)
+        if not extra.is_dir():
+            raise FileNotFoundError(f"--unlabeled {extra}: not a folder")
+        for case, path in list_images(extra, "--unlabeled").items():
+            case = case[: -len(CHANNEL)] if case.endswith(CHANNEL) else case
+            if case in cases:
+                raise ValueError(f"{path}: case {case} is also in {folder}; unlabeled cases need their own names")
+            cases[case] = {"image": path, "label": None}
+    if not cases:
+        raise ValueError(f"--input {folder}: no image files found")
+    bad = [c for c in cases if not c or "/" in c or c.startswith(".")]
+    if bad:
+        raise ValueError(f"--input {folder}: case names {bad} cannot be used as file names")
+    return cases, classes, info
+
+
+def check_geometry(image, label, image_path, label_path):
+    """ValueError naming the label file if its size, spacing, origin or direction differ from the image's."""
+    if image.GetSize() != label.GetSize():
+        raise ValueError(f"{label_path}: size {label.GetSize()} differs from the image's {image.GetSize()} "
+                         f"({image_path})")
+    for prop in ("Spacing", "Origin", "Direction"):
+        a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
+        if np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
+            raise ValueError(f"{label_path}: {prop.lower()} {_show(b)} differs from the image's {_show(a)} "
+                             f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
+
+
+def _show(values):
+    """'(0.8, 0.9, 3)': a vector with 6 significant digits."""
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def label_values(label, path):
+    """The sorted distinct values of a label image; ValueError unless they are non-negative integers."""
+    values = np.unique(sitk.GetArrayViewFromImage(label))
+    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
+        raise ValueError(f"{path}: label holds non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
+                         f"expected class indices")
+    if values.size and values.min() < 0:
+        raise ValueError(f"{path}: label holds negative values ({values.min():g}); expected class indices >= 0")
+    return values.astype(np.int64)
+
+
+def check_case(entry):
+    """Read and check one case; returns its label values (None when unlabeled)."""
+    image = read_image(entry["image"])
+    check_single_channel_3d(image, entry["image"])
+    if entry["label"] is None:
+        return None
+    label = read_image(entry["label"])
+    check_single_channel_3d(label, entry["label"])
+    check_geometry(image, label, entry["image"], entry["label"])
+    return label_values(label, entry["label"])
+
+
+def resolve_classes(classes, class_names, values_by_case, cases):
+    """The class names ['background', ...]: from dataset.json, else ``--class_names``, else class1..
+    up to the largest label value; ValueError naming a label file whose values fall outside."""
+    if class_names:
+        names = ["background"] + [n.strip() for n in class_names.split(",") if n.strip()]
+        if classes is not None and names != classes:
+            raise ValueError(f"--class_names {class_names}: the input's dataset.json names {classes[1:]}")
+        classes = names
+    if classes is None:
+        top = max((int(v.max()) for v in values_by_case.values() if v is not None and v.size), default=0)
+        classes = ["background"] + [f"class{k}" for k in range(1, max(top, 1) + 1)]
+    for case, values in values_by_case.items():
+        if values is not None and values.size and values.max() >= len(classes):
+            raise ValueError(f"{cases[case]['label']}: label values {values.tolist()}; expected 0..{len(classes) - 1} "
+                             f"({', '.join(classes)})")
+    return classes
+
+
+def _case_list(text, flag, known):
+    """Case ids of a comma-separated flag value, checked against the labeled cases ``known``."""
+    ids = [c.strip() for c in text.split(",") if c.strip()]
+    for case in ids:
+        if case not in known:
+            raise ValueError(f"{flag}: {case} is not a labeled case of the input (labeled: {' '.join(sorted(known))})")
+    return ids
+
+
+def resolve_splits(labeled, args):
+    """``({"train", "val", "test"}, how)``: the evaluation cases from flags, a splits file or a seeded
+    split of ``labeled``; the train order from --train_order or a seeded permutation."""
+    known = set(labeled)
+    if args.splits:
+        path = Path(args.splits)
+        try:
+            given = json.loads(path.read_text())
+            val, test = list(given.get("val", [])), list(given.get("test", []))
+        except (ValueError, AttributeError, OSError) as err:
+            raise ValueError(f"--splits {path}: expected a JSON file {{\"val\": [...], \"test\": [...]}} "
+                             f"({err})") from None
+        val = _case_list(",".join(val), f"--splits {path}", known)
+        test = _case_list(",".join(test), f"--splits {path}", known)
+        how = f"file {path.resolve()}"
+    elif args.val_cases or args.test_cases:
+        val = _case_list(args.val_cases or "", "--val_cases", known)
+        test = _case_list(args.test_cases or "", "--test_cases", known)
+        how = "flags"
+    else:
+        rng = np.random.default_rng(args.seed)
+        shuffled = [labeled[i] for i in rng.permutation(len(labeled))]
+        n_val = max(1, int(round(args.val_fraction * len(labeled)))) if len(labeled) > 1 else 0
+        val, test = sorted(shuffled[:n_val]), []
+        how = f"seeded (--seed {args.seed}, --val_fraction {args.val_fraction})"
+    both = set(val) & set(test)
+    if both:
+        raise ValueError(f"cases {sorted(both)} are in both the val and the test split")
+    train = [c for c in labeled if c not in set(val) | set(test)]
+    if not train:
+        raise ValueError("no labeled case left for training: every labeled case is in val or test")
+    if not val:
+        raise ValueError("no validation case: give --val_cases or a --val_fraction that leaves one (model selection "
+                         "needs labeled val cases)")
+    return {"train": train_order(train, args), "val": val, "test": test}, how
+
+
+def train_order(train, args):
+    """The order --labelnum takes the labeled training cases in: --train_order, else seeded."""
+    if args.train_order:
+        path = Path(args.train_order)
+        order = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if sorted(order) != sorted(train):
+            raise ValueError(f"--train_order {path}: expected each labeled training case once "
+                             f"({' '.join(sorted(train))}), got {' '.join(order)}")
+        return order
+    rng = np.random.default_rng([args.seed, 1])
+    return [sorted(train)[i] for i in rng.permutation(len(train))]
+
+
+def write_slice_h5(path, image, label=None, attrs=None):
+    """Write 'image' (and 'label' when given: unlabeled slices have none) atomically."""
+    import h5py
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("image", data=image)
+        if label is not None:
+            f.create_dataset("label", data=label)
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
+    os.replace(tmp, path)
+
+
+def stored_attrs(image, axis, size):
+    """Geometry attributes of a stored volume (``utils.geometry``): the source grid, the slice axis
+    and the spacing (array order) of the stored (D, S, S) grid."""
+    meta = geometry_meta(image, axis)
+    zyx = list(reversed(meta["orig_spacing"]))
+    depth_spacing = zyx.pop(2 - axis)
+    size_zyx = list(reversed(meta["orig_size"]))
+    size_zyx.pop(2 - axis)
+    in_plane = resized_spacing((zyx[1], zyx[0], depth_spacing), (size_zyx[1], size_zyx[0], 1), (size, size))
+    attrs = {k: np.asarray(v, dtype=np.int64 if k in ("orig_size", "slice_axis") else np.float64)
+             for k, v in meta.items()}
+    attrs.update({"spacing": np.asarray(in_plane, dtype=np.float64), "image_size": np.int64(size)})
+    return attrs
+
+
+def check_output_folder(out, summary, overwrite):
+    """Refuse an ``out`` that is not empty and not a conversion with the same settings, unless
+    ``overwrite`` (and never a folder this script did not make)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file; expected a new or empty folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    info = out / "dataset.json"
+    try:
+        old = json.loads(info.read_text()) if info.is_file() else None
+    except ValueError:
+        old = None
+    if not isinstance(old, dict) or old.get("format") != FORMAT:
+        raise FileExistsError(f"--out {out}: exists and was not made by convert_dataset.py (no {FORMAT} dataset.json); "
+                              f"choose a new or empty folder")
+    changed = [k for k in SETTINGS if old.get(k) != summary.get(k)]
+    if changed and not overwrite:
+        raise FileExistsError(f"--out {out} holds a conversion made with other settings "
+                              f"({'; '.join(describe_change(k, old.get(k), summary.get(k)) for k in changed)}); "
+                              f"pass --overwrite to replace it, or choose another --out")
+    if changed:
+        LOGGER.warning("--overwrite: replacing %s (%s changed)", out, ", ".join(changed))
+
+
+def describe_change(key, before, after):
+    """'preprocessing.size: 32 there, 64 now' (the differing entries of a dict setting, else the values)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+        return ", ".join(f"{key}.{k}: {before.get(k)!r} there, {after.get(k)!r} now" for k in keys)
+    return f"{key}: {before!r} there, {after!r} now"
+
+
+def _write_case(folder, case, entry, split, recipe):
+    """Write one case's volume (labeled) and, for training cases, its slices; returns the slice ids."""
+    image = read_image(entry["image"])
+    volume, axis = preprocess_image(image, recipe)
+    size = recipe["size"]
+    label = None
+    if entry["label"] is not None:
+        label = preprocess_label(sitk.GetArrayFromImage(read_image(entry["label"])), axis, size)
+        write_slice_h5(folder / "data" / f"{case}.h5", volume, label, stored_attrs(image, axis, size))
+    if split not in ("train", "unlabeled"):
+        return []
+    ids = []
+    for k in range(volume.shape[0]):
+        ids.append(f"{case}_slice_{k}")
+        write_slice_h5(folder / "data" / "slices" / f"{ids[-1]}.h5", volume[k], None if label is None else label[k])
+    return ids
+
+
+def _write_dataset(folder, cases, summary):
+    """Every case, the lists and dataset.json into ``folder``."""
+    (folder / "data" / "slices").mkdir(parents=True)
+    splits, recipe = summary["splits"], summary["preprocessing"]
+    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]]
+    ordered += [("unlabeled", c) for c in summary["unlabeled"]]
+    slices = {"train": [], "unlabeled": []}
+    for split, case in tqdm(ordered, desc="converting", unit="case", disable=not sys.stderr.isatty()):
+        ids = _write_case(folder, case, cases[case], split, recipe)
+        if ids:
+            slices[split].extend(ids)
+    for name in ("train", "val", "test"):
+        write_lines(folder / f"{name}.list", splits[name])
+    write_lines(folder / "unlabeled.list", summary["unlabeled"])
+    write_lines(folder / "train_slices.list", slices["train"] + slices["unlabeled"])
+    summary.update({"num_labeled_slices": len(slices["train"]), "num_unlabeled_slices": len(slices["unlabeled"])})
+    (folder / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def convert_dataset(args):
+    """Convert ``args.input`` (+ ``args.unlabeled``) into ``args.out``; returns the dataset.json dict."""
+    if args.image_size < 16 or args.image_size % 16:
+        raise ValueError(f"--image_size {args.image_size}: expected a positive multiple of 16 (the network's input)")
+    cases, classes, info = discover(args.input, args.unlabeled)
+    values = {}
+    for case in tqdm(sorted(cases), desc="checking", unit="case", disable=not sys.stderr.isatty()):
+        values[case] = check_case(cases[case])  # every case, before anything is written
+    classes = resolve_classes(classes, args.class_names, values, cases)
+    labeled = sorted(c for c in cases if cases[c]["label"] is not None)
+    if not labeled:
+        raise ValueError(f"--input {args.input}: no case has a label; training needs labeled cases")
+    splits, how = resolve_splits(labeled, args)
+    recipe = {"normalization": "percentile_minmax", "percentiles": list(DEFAULT_PERCENTILES),
+              "slice_axis": args.slice_axis, "size": int(args.image_size)}
+    summary = {
+        "format": FORMAT, **info, "source": str(Path(args.input).resolve()),
+        "unlabeled_source": str(Path(args.unlabeled).resolve()) if args.unlabeled else None,
+        "classes": classes, "num_classes": len(classes), "input_channels": 1, "image_size": int(args.image_size),
+        "preprocessing": recipe, "splits": splits, "split_source": how,
+        "unlabeled": sorted(c for c in cases if cases[c]["label"] is None),
+    }
+    out = Path(args.out)
+    check_output_folder(out, summary, args.overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_dataset(partial, cases, summary)
+        _swap_in(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return summary
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", required=True, help="nnU-Net v2 raw folder, or a folder with images/ (+ labels/)")
+    p.add_argument("--out", required=True, help="output folder (the layout the trainers read)")
+    p.add_argument("--unlabeled", default=None, help="extra folder of unlabeled image files")
+    p.add_argument("--image_size", type=int, default=256, help="stored slice size S (S x S; a multiple of 16)")
+    p.add_argument("--class_names", default=None, help="foreground class names, comma-separated (default: "
+                   "dataset.json 'labels', else class1, class2, ...)")
+    p.add_argument("--slice_axis", choices=SLICE_AXIS_RULES, default="largest_spacing",
+                   help="axis the 2-D slices run along: the one of largest spacing, or a fixed axis")
+    p.add_argument("--val_cases", default=None, help="validation cases, comma-separated")
+    p.add_argument("--test_cases", default=None, help="test cases, comma-separated")
+    p.add_argument("--splits", default=None, help='JSON file {"val": [...], "test": [...]}')
+    p.add_argument("--val_fraction", type=float, default=0.2, help="seeded split: fraction of labeled cases for val")
+    p.add_argument("--train_order", default=None, help="file: the labeled training cases in --labelnum order")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the train order")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out converted with other settings")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val_fraction {args.val_fraction}: expected a fraction in (0, 1)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    summary = convert_dataset(args)
+    s = summary["splits"]
+    print(f"wrote {args.out}: {len(summary['classes'])} classes ({', '.join(summary['classes'])}); "
+          f"train {len(s['train'])} labeled + {len(summary['unlabeled'])} unlabeled cases, val {len(s['val'])}, "
+          f"test {len(s['test'])} (split: {summary['split_source']})")
+    print(f"  train order (--labelnum k takes the first k): {' '.join(s['train'])}")
+    print(f"  val: {' '.join(s['val'])}" + (f"; test: {' '.join(s['test'])}" if s["test"] else ""))
+    print(f"  slices: {summary['num_labeled_slices']} labeled, {summary['num_unlabeled_slices']} unlabeled")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main)

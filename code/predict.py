@@ -1,0 +1,238 @@
+"""Segment new scans (no labels needed) with a trained checkpoint; label maps in each input's exact geometry.
+
+    python code/predict.py -i IN -o OUT --checkpoint model/<run>/best.pth [--lcc] [--tta flip] [--device cuda]
+
+``IN`` is one image file or a folder of them (.nii.gz, .nii, .mha, .mhd, .nrrd; nnU-Net's
+``{case}_0000.nii.gz`` naming is understood). ``OUT/{case}{ending}`` gets one uint8 label map per case
+with the input's size, spacing, origin and direction (``.mhd`` inputs are written as ``.mha``, one file).
+The checkpoint's model card (``utils.model_card``) supplies everything else: classes, network, input
+size, and the preprocessing recipe, replayed through the converter's own function
+(``dataloaders.volume_io.preprocess_image``), so that a case predicts exactly as the test scripts do.
+
+Every input is checked (readable, 3-D, one channel) before the first forward. Outputs are written to a
+temporary name and renamed, so a file in ``OUT`` is always complete; a rerun skips the cases already
+there unless ``--overwrite``. ``--save_probabilities`` adds ``{case}.npz`` (``probabilities`` float32
+(C, z, y, x) on the input grid, plus ``spacing``/``origin``/``direction``), written before the label map.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from tqdm import tqdm
+
+from dataloaders.volume_io import (check_image_header, check_recipe, geometry_meta, image_ending,
+                                   preprocess_image, read_image)
+from dataloaders.dataset import resize_nearest
+from networks.unet import CHANNELS, build_model
+from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from utils.errors import run_cli
+from utils.evaluation import predict_volume
+from utils.geometry import restore_original_geometry, write_label_image
+from utils.testing import largest_component_3d
+
+CHANNEL = "_0000"
+TEMP_PREFIX = ".partial-"
+IGNORED_SUFFIXES = (".raw", ".zraw", ".json", ".txt", ".npz")
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--input", required=True, help="an image file or a folder of image files")
+    p.add_argument("-o", "--output", required=True, help="folder for the label maps (created)")
+    p.add_argument("--checkpoint", required=True, help="a best.pth written by a trainer of this project")
+    p.add_argument("--lcc", action="store_true", help="keep only the largest 3-D connected component per class")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average the softmax over the in-plane flips (4 forwards per slice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=8,
+                   help="slices per forward (bounds the memory: ~45 MB per slice at 256² on the CPU)")
+    p.add_argument("--save_probabilities", action="store_true", help="also write {case}.npz with the class "
+                   "probabilities on the input grid")
+    p.add_argument("--overwrite", action="store_true", help="predict cases whose output already exists again")
+    p.add_argument("--amp", choices=["off", "bf16"], default="off",
+                   help="bf16: the network under bfloat16 autocast (fast on GPUs and CPUs with native bf16; a few "
+                        "voxels may differ from the test scripts, which run fp32)")
+    p.add_argument("--channels_last", choices=["off", "on"], default="off",
+                   help="on: NHWC memory format (faster on the CPU; may differ from the test scripts in a few voxels)")
+    return p
+
+
+class Network(torch.nn.Module):
+    """The model as predict calls it: input in ``channels_last`` if asked, forward under bf16 autocast
+    if asked, float32 logits out. With neither it is the plain model, as the test scripts call it."""
+
+    def __init__(self, model, amp, channels_last):
+        super().__init__()
+        self.model, self.amp, self.channels_last = model, amp == "bf16", channels_last == "on"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.amp:
+            return self.model(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def case_name(path):
+    """(case, ending) of an input file: 'prostate_07_0000.nii.gz' -> ('prostate_07', '.nii.gz')."""
+    ending = image_ending(path.name)
+    stem = path.name[: -len(ending)]
+    return (stem[: -len(CHANNEL)] if stem.endswith(CHANNEL) else stem), ending
+
+
+def list_inputs(source):
+    """[(case, path, ending)] of ``-i`` (a file or a folder); ValueError naming what is wrong."""
+    source = Path(source)
+    if source.is_file():
+        paths = [source]
+    elif source.is_dir():
+        paths = [p for p in sorted(source.iterdir()) if p.is_file() and not p.name.startswith(".")
+                 and not p.name.lower().endswith(IGNORED_SUFFIXES)]
+    else:
+        raise FileNotFoundError(f"-i {source}: no such file or folder")
+    for path in paths:
+        if image_ending(path.name) is None:
+            raise ValueError(f"{path}: not an image file predict.py reads (expected .nii.gz, .nii, .mha, .mhd, .nrrd)")
+    stems = {path.name[: -len(image_ending(path.name))] for path in paths}
+    cases, seen = [], {}
+    for path in paths:
+        stem = path.name[: -len(image_ending(path.name))]
+        if stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000" and f"{stem[:-5]}{CHANNEL}" in stems:
+            raise ValueError(f"{path}: a second input channel of case {stem[:-5]} ({stem[-5:]}); this model takes one "
+                             f"channel (expected only {{case}}_0000 files)")
+        case, ending = case_name(path)
+        if case in seen:
+            raise ValueError(f"{path}: case {case} also comes from {seen[case].name}; expected one file per case")
+        seen[case] = path
+        cases.append((case, path, ending))
+    if not cases:
+        raise ValueError(f"-i {source}: no image files (expected .nii.gz, .nii, .mha, .mhd or .nrrd)")
+    return cases
+
+
+def load_predictor(path, device):
+    """(model in eval mode on ``device``, model card) from a checkpoint with a model card."""
+    state = load_checkpoint(path, map_location="cpu")
+    card = state.get("config", {}).get("model_card")
+    if not isinstance(card, dict):
+        raise CheckpointError(f"{path}: no model card (config['model_card']); it was written before checkpoints "
+                              f"described themselves: retrain, or evaluate it with test_ACDC.py / test_PROMISE12.py")
+    check_recipe(card["preprocessing"])
+    if card["input_channels"] != 1:
+        raise CheckpointError(f"{path}: a model of {card['input_channels']} input channels; predict.py feeds one")
+    if int(state["num_classes"]) != len(card["classes"]):
+        raise CheckpointError(f"{path}: {state['num_classes']} output classes, the card names {len(card['classes'])}")
+    network = card["network"]
+    if network.get("name") != "unet" or list(network.get("channels", CHANNELS)) != list(CHANNELS):
+        raise CheckpointError(f"{path}: a {network.get('name')} network of widths {network.get('channels')}; this code "
+                              f"builds the unet of widths {list(CHANNELS)}")
+    model = build_model(network["class_num"], network["in_chns"])
+    load_model_state(model, state["model"], path)
+    return model.to(device).eval(), card
+
+
+def flips(x):
+    """The in-plane flips of a (B, 1, H, W) batch and their inverses, for --tta flip."""
+    return [((), x), ((-1,), x.flip(-1)), ((-2,), x.flip(-2)), ((-2, -1), x.flip(-2, -1))]
+
+
+@torch.no_grad()
+def predict_probabilities(model, volume, image_size, device, batch_size, tta):
+    """Softmax (C, D, H, W) float32 of a stored-grid volume, slices in batches (mean over flips with
+    ``tta``), resized back to (H, W) nearest, as ``predict_volume`` does with its argmax."""
+    vol = torch.as_tensor(volume, dtype=torch.float32)
+    size, out = vol.shape[-2:], []
+    for start in range(0, vol.shape[0], batch_size):
+        x = resize_nearest(vol[start:start + batch_size].to(device), (image_size, image_size))[:, None]
+        views = flips(x) if tta else [((), x)]
+        prob = sum(torch.softmax(model(v), dim=1).flip(dims) if dims else torch.softmax(model(v), dim=1)
+                   for dims, v in views) / len(views)
+        out.append(resize_nearest(prob, size).cpu())
+    return torch.cat(out).permute(1, 0, 2, 3).numpy()
+
+
+def predict_case(model, card, image, args):
+    """(label (D,H,W) uint8 on the stored grid, probabilities on the input grid or None, slice axis)."""
+    volume, axis = preprocess_image(image, card["preprocessing"])
+    size, device = card["image_size"], torch.device(args.device)
+    probs = None
+    if args.tta == "flip" or args.save_probabilities:
+        probs = predict_probabilities(model, volume, size, device, args.batch_size, args.tta == "flip")
+        label = probs.argmax(axis=0).astype(np.uint8)
+    else:
+        label = predict_volume(model, volume, size, device, batch_size=args.batch_size)
+    if args.lcc:
+        label = largest_component_3d(label, len(card["classes"]))
+    if probs is not None:
+        meta = geometry_meta(image, axis)
+        probs = np.stack([restore_original_geometry(p, meta) for p in probs])
+    return label, probs, axis
+
+
+def output_name(case, ending):
+    """The label map's file name: the input's ending (``.mhd`` -> ``.mha``: one file, renamed atomically)."""
+    return f"{case}{'.mha' if ending == '.mhd' else ending}"
+
+
+def write_case(out, name, label, probs, image, axis):
+    """Write ``{case}.npz`` (if ``probs``), then the label map, each to a temporary name renamed when complete."""
+    if probs is not None:
+        stem = name[: -len(image_ending(name))]
+        tmp = out / f"{TEMP_PREFIX}{stem}.npz"
+        np.savez_compressed(tmp, probabilities=probs.astype(np.float32), spacing=np.asarray(image.GetSpacing()),
+                            origin=np.asarray(image.GetOrigin()), direction=np.asarray(image.GetDirection()))
+        os.replace(tmp, out / f"{stem}.npz")
+    tmp = out / f"{TEMP_PREFIX}{name}"
+    write_label_image(label, geometry_meta(image, axis), tmp)
+    os.replace(tmp, out / name)
+
+
+def prepare_output(out):
+    """Create ``-o`` (ValueError if it is a file) and delete temporaries of an interrupted run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"-o {out}: is a file; expected a folder for the label maps")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{TEMP_PREFIX}*"):
+        stale.unlink()
+    return out
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size {args.batch_size}: expected 1 or more")
+    cases = list_inputs(args.input)
+    for _, path, _ in cases:
+        check_image_header(path)  # every input, before the first forward
+    model, card = load_predictor(args.checkpoint, torch.device(args.device))
+    model = Network(model, args.amp, args.channels_last).eval()
+    out = prepare_output(args.output)
+    (out / "predict.json").write_text(json.dumps({"checkpoint": str(Path(args.checkpoint).resolve()),
+                                                  "lcc": args.lcc, "tta": args.tta, "model_card": card}, indent=2))
+    written, skipped = 0, 0
+    for case, path, ending in tqdm(cases, desc="predict", unit="case", disable=None):
+        name = output_name(case, ending)
+        if (out / name).is_file() and not args.overwrite:
+            skipped += 1
+            continue
+        image = read_image(path)
+        label, probs, axis = predict_case(model, card, image, args)
+        write_case(out, name, label, probs, image, axis)
+        written += 1
+    print(f"predicted {written} case(s), skipped {skipped} already in {out} (--overwrite predicts them again)"
+          if skipped else f"predicted {written} case(s) into {out}")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main) and 0)

@@ -1,0 +1,41 @@
+"""Evaluate a checkpoint trained on a converted data set: Dice, Jaccard, HD95, ASD per class (names from its card).
+
+    python code/test_custom.py --checkpoint model/Prostate42_SSCD_15_labeled/best.pth --split val
+
+Predictions are written as <case>_pred.nii.gz in the original geometry of each case (size, spacing,
+origin, direction, slice axis); distances in voxels of the stored grid and in mm.
+"""
+from dataloaders.converted import read_dataset_info
+from utils.checkpoint import CheckpointError, load_checkpoint
+from utils.errors import run_cli
+from utils.testing import run_test, test_parser
+
+
+def class_names(path):
+    """The foreground class names of a checkpoint's model card."""
+    card = load_checkpoint(path).get("config", {}).get("model_card")
+    if not card:
+        raise CheckpointError(f"{path}: no model card (written before model cards existed); use test_ACDC.py or "
+                              f"test_PROMISE12.py for it")
+    return tuple(card["classes"][1:])
+
+
+def check_fits(path, names, root):
+    """CheckpointError unless the checkpoint's classes are those of the converted folder ``root``."""
+    if root is None:
+        return
+    classes = read_dataset_info(root)["classes"]
+    if list(classes[1:]) != list(names):
+        raise CheckpointError(f"{path}: a model of classes {['background', *names]}, but {root}/dataset.json has "
+                              f"{classes}; expected a checkpoint trained on this data set")
+
+
+def main(argv=None):
+    args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
+    names = class_names(args.checkpoint)
+    check_fits(args.checkpoint, names, args.root_path or load_checkpoint(args.checkpoint)["config"].get("root_path"))
+    return run_test(args, names)
+
+
+if __name__ == "__main__":
+    run_cli(main)

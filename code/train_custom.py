@@ -1,0 +1,43 @@
+"""Train on your own data set converted by code/dataloaders/convert_dataset.py: any --method, classes from dataset.json.
+
+    python code/dataloaders/convert_dataset.py --input Dataset042_Prostate --out data/Prostate42 --image_size 256
+    python code/train_custom.py --root_path data/Prostate42 [--method sscd|bcp|abd|labeled_only] [--labelnum K]
+
+--labelnum counts cases: the labeled set is every slice of the first --labelnum cases of train.list
+(default: all of them). The unlabeled pool is every other training slice, including every slice of the
+cases in unlabeled.list, which have no label on disk. The class count comes from dataset.json
+(--num_classes is not a flag here). Every flag of the ACDC/PROMISE12 trainers applies.
+"""
+import argparse
+import sys
+
+from dataloaders.converted import read_dataset_info
+from dataloaders.dataset import read_list
+from utils.cli import train_main
+from utils.errors import run_cli
+
+
+def dataset_defaults(argv):
+    """(number of classes, number of labeled training cases) of the --root_path in ``argv``."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--root_path")
+    pre.add_argument("--num_classes")
+    known, _ = pre.parse_known_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    if "-h" in words or "--help" in words:
+        return 2, 1  # placeholders: the help text needs no data set
+    if not known.root_path:
+        raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
+    if known.num_classes is not None:
+        raise SystemExit(f"--num_classes {known.num_classes}: the class count comes from "
+                         f"{known.root_path}/dataset.json")
+    info = read_dataset_info(known.root_path)
+    return int(info["num_classes"]), len(read_list(known.root_path, "train.list"))
+
+
+def main(argv=None):
+    return train_main("CUSTOM", __doc__.splitlines()[0], argv, defaults=dataset_defaults(argv))
+
+
+if __name__ == "__main__":
+    run_cli(main)
