@@ -131,7 +131,8 @@ def bench_large(work, size, threads, batch_size):
             "goal": "peak < 3 x float32 size + 1 GiB"}
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--acdc_root", default=None, help="processed ACDC folder (val.list, data/<case>.h5); "
                    "without it only the large volume is measured")
@@ -140,7 +141,11 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--large_size", type=int, nargs=3, default=[512, 512, 300], metavar=("X", "Y", "Z"))
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     results = {"cpu": cpu_model(), "threads": args.threads, "torch": torch.__version__,
                "import_rss_mib": baseline_rss(args.threads), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,13 @@ def check_fits(path, names, root):
                               f"{classes}; expected a checkpoint trained on this data set")
 
 
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
+    return test_parser(__doc__.splitlines()[0])
+
+
 def main(argv=None):
-    args = test_parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = build_parser().parse_args(argv)
     names = class_names(args.checkpoint)
     check_fits(args.checkpoint, names, args.root_path or load_checkpoint(args.checkpoint)["config"].get("root_path"))
     return run_test(args, names)

@@ -13,7 +13,7 @@ import sys
 
 from dataloaders.converted import read_dataset_info
 from dataloaders.dataset import read_list
-from utils.cli import train_main
+from utils.cli import sscd_parser, train_main
 from utils.errors import run_cli
 
 
@@ -25,7 +25,7 @@ def dataset_defaults(argv):
     known, _ = pre.parse_known_args(argv)
     words = sys.argv[1:] if argv is None else argv
     if "-h" in words or "--help" in words:
-        return 2, 1  # placeholders: the help text needs no data set
+        return None, None  # the help text needs no data set
     if not known.root_path:
         raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
     if known.num_classes is not None:
@@ -35,8 +35,20 @@ def dataset_defaults(argv):
     return int(info["num_classes"]), len(read_list(known.root_path, "train.list"))
 
 
+def build_parser(num_classes=None, labelnum=None):
+    """The trainer's flags, --num_classes and --labelnum defaulting to the data set's (``dataset_defaults``;
+    None: unknown, as in --help and docs/flags.md)."""
+    parser = sscd_parser("CUSTOM", __doc__.splitlines()[0], defaults=(num_classes, labelnum))
+    helps = {"root_path": "a folder written by code/dataloaders/convert_dataset.py (required)",
+             "num_classes": "not a flag here: the class count of --root_path's dataset.json",
+             "labelnum": "labeled cases, the first of train.list (default: all of them)"}
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
+    return parser
+
+
 def main(argv=None):
-    return train_main("CUSTOM", __doc__.splitlines()[0], argv, defaults=dataset_defaults(argv))
+    return train_main("CUSTOM", __doc__.splitlines()[0], argv, parser=build_parser(*dataset_defaults(argv)))
 
 
 if __name__ == "__main__":

@@ -25,11 +25,15 @@ SCRIPTS = (
     ("code/dataloaders/preprocess_acdc.py", "build_parser", None),
     ("code/dataloaders/preprocess_promise12.py", "build_parser", None),
     ("code/dataloaders/synthetic.py", "build_parser", None),
+    ("code/dataloaders/convert_dataset.py", "parser", None),
     ("code/train_ACDC_SSCD.py", "build_parser", None),
     ("code/train_PROMISE12_SSCD.py", "build_parser", "code/train_ACDC_SSCD.py"),
     ("code/train_ACDC_supervised.py", "build_parser", "code/train_ACDC_SSCD.py"),
     ("code/test_ACDC.py", "build_parser", None),
     ("code/test_PROMISE12.py", "build_parser", "code/test_ACDC.py"),
+    ("code/train_custom.py", "build_parser", "code/train_ACDC_SSCD.py"),
+    ("code/test_custom.py", "build_parser", "code/test_ACDC.py"),
+    ("code/predict.py", "parser", None),
     ("code/visualize.py", "build_parser", None),
     ("code/utils/report.py", "build_parser", None),
     ("experiments/run_table.py", "build_parser", None),
@@ -39,9 +43,11 @@ SCRIPTS = (
     ("experiments/compare_arms.py", "build_parser", None),
     ("experiments/stage_networks.py", "build_parser", None),
     ("experiments/budget_curve.py", "build_parser", None),
+    ("experiments/prostate_as_nnunet.py", "build_parser", None),
     ("bench/bench_train.py", "bench_parser", None),
     ("bench/profile_step.py", "build_parser", None),
     ("bench/device_check.py", "build_parser", None),
+    ("bench/bench_predict.py", "build_parser", None),
 )
 
 HEADER = """# Flags of every script

@@ -18,10 +18,10 @@ def sscd_parser(dataset, description, defaults=None):
     return parser
 
 
-def train_main(dataset, description, argv=None, defaults=None):
+def train_main(dataset, description, argv=None, parser=None):
     """Parse the flags (preset < --config < command line), run pre-training and every stage, and
-    return the final checkpoint's path (also logged). ``defaults``: as for ``sscd_parser``."""
-    parser = sscd_parser(dataset, description, defaults)
+    return the final checkpoint's path (also logged). ``parser``: default ``sscd_parser(dataset, description)``."""
+    parser = parser or sscd_parser(dataset, description)
     args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
     run = Run(args, dataset, run_outputs(args, len(stages)))

@@ -1,7 +1,7 @@
 """Write the shared prostate cases (PROMISE12 layout) as an nnU-Net v2 raw data set, with the labels of some
 training cases left out (they become truly unlabeled cases), for docs/own_data.md's comparison.
 
-    python scripts/prostate_as_nnunet.py --raw /path/to/prostate --out /tmp/Dataset001_Prostate --unlabeled 12
+    python experiments/prostate_as_nnunet.py --raw /path/to/prostate --out /tmp/Dataset001_Prostate --unlabeled 12
 
 The first --unlabeled cases of train.list (in a --seed permutation) get no labelsTr file; val.list cases keep
 theirs and are named in splits.json (pass it to convert_dataset.py --splits). Images are written losslessly
@@ -48,13 +48,18 @@ def write_dataset(raw, out, n_unlabeled, seed=0, cases=None):
     return {"labeled": sorted(set(train) - set(unlabeled)), "unlabeled": unlabeled, "val": val}
 
 
-def main(argv=None):
+def build_parser():
+    """The command-line flags (docs/flags.md is generated from this parser)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--raw", required=True, help="the prostate folder (CaseXX.mhd, train.list, val.list)")
     p.add_argument("--out", required=True, help="the nnU-Net raw folder to write")
     p.add_argument("--unlabeled", type=int, default=12, help="training cases written without their label")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out}: exists; choose a new folder")
     result = write_dataset(args.raw, args.out, args.unlabeled, args.seed)
