@@ -58,14 +58,15 @@ def parser():
     p.add_argument("--amp", choices=["off", "bf16"], default="off",
                    help="bf16: the network under bfloat16 autocast (fast on GPUs and CPUs with native bf16; a few "
                         "voxels may differ from the test scripts, which run fp32)")
-    p.add_argument("--channels_last", choices=["off", "on"], default="off",
-                   help="on: NHWC memory format (faster on the CPU; may differ from the test scripts in a few voxels)")
+    p.add_argument("--channels_last", choices=["off", "on"], default="on",
+                   help="memory format of the network: on = NHWC (faster), as the test scripts' default; give "
+                        "both the same value for voxel-identical label maps")
     return p
 
 
 class Network(torch.nn.Module):
-    """The model as predict calls it: input in ``channels_last`` if asked, forward under bf16 autocast
-    if asked, float32 logits out. With neither it is the plain model, as the test scripts call it."""
+    """The model as predict calls it: in ``channels_last`` if asked (the default, as the test scripts'),
+    forward under bf16 autocast if asked, float32 logits out."""
 
     def __init__(self, model, amp, channels_last):
         super().__init__()

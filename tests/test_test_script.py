@@ -91,6 +91,7 @@ def test_end_to_end_on_val(acdc_root, checkpoint, tmp_path):
     files = sorted(p.name for p in (out / "predictions").iterdir())
     assert files == sorted(f"{c}_pred.nii.gz" for c in cases)
     model, _ = load_trained_model(checkpoint, "cpu")
+    model = model.to(memory_format=torch.channels_last)  # the test script's default
     foreground = 0
     for i, case in enumerate(cases):
         image, label = read_h5(acdc_root / "data" / f"{case}.h5")
