@@ -37,7 +37,12 @@ from utils.testing import largest_component_3d
 
 CHANNEL = "_0000"
 TEMP_PREFIX = ".partial-"
-IGNORED_SUFFIXES = (".raw", ".zraw", ".json", ".txt", ".npz")
+IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".txt", ".npz")  # data files of .mhd/.nhdr headers, ...
+# input endings whose header names a separate data file -> the one-file format the label map is written in
+# (one file is renamed atomically; a header's data file would keep its temporary name)
+SINGLE_FILE = {".mhd": ".mha", ".nhdr": ".nrrd"}
+# what predict.json records of a run; a rerun into the same -o with other values is refused
+RUN_SETTINGS = ("checkpoint", "lcc", "tta", "amp", "channels_last")
 
 
 def parser():
@@ -180,8 +185,37 @@ def predict_case(model, card, image, args):
 
 
 def output_name(case, ending):
-    """The label map's file name: the input's ending (``.mhd`` -> ``.mha``: one file, renamed atomically)."""
-    return f"{case}{'.mha' if ending == '.mhd' else ending}"
+    """The label map's file name: the input's ending, a header + data pair as its one-file format
+    (``.mhd`` -> ``.mha``, ``.nhdr`` -> ``.nrrd``) so that one rename makes it complete."""
+    return f"{case}{SINGLE_FILE.get(ending, ending)}"
+
+
+def is_done(out, name, save_probabilities):
+    """Whether an earlier run finished this case: its label map, and its probabilities when asked for."""
+    stem = name[: -len(image_ending(name))]
+    return (out / name).is_file() and (not save_probabilities or (out / f"{stem}.npz").is_file())
+
+
+def record_run(out, args, card):
+    """Write ``out/predict.json`` (atomically) with this run's settings; refuse (FileExistsError) an
+    ``out`` whose recorded run used other settings, unless ``--overwrite``, so that its label maps never
+    mix two models or two pipelines."""
+    settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "lcc": args.lcc, "tta": args.tta,
+                "amp": args.amp, "channels_last": args.channels_last}
+    path = out / "predict.json"
+    if path.is_file() and not args.overwrite:
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = {}
+        changed = [f"{k} {before.get(k)!r} there, {settings[k]!r} now" for k in RUN_SETTINGS
+                   if before.get(k) != settings[k]]
+        if changed:
+            raise FileExistsError(f"-o {out}: holds label maps of another run ({'; '.join(changed)}); give "
+                                  f"--overwrite to predict every case again, or another -o")
+    tmp = out / f"{TEMP_PREFIX}predict.json"
+    tmp.write_text(json.dumps({**settings, "model_card": card}, indent=2))
+    os.replace(tmp, path)
 
 
 def write_case(out, name, label, probs, image, axis):
@@ -197,11 +231,16 @@ def write_case(out, name, label, probs, image, axis):
     os.replace(tmp, out / name)
 
 
-def prepare_output(out):
-    """Create ``-o`` (ValueError if it is a file) and delete temporaries of an interrupted run."""
-    out = Path(out)
+def prepare_output(out, source):
+    """Create ``-o`` (ValueError if it is a file or the input folder) and delete temporaries of an
+    interrupted run."""
+    out, source = Path(out), Path(source)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"-o {out}: is a file; expected a folder for the label maps")
+    folder = source if source.is_dir() else source.parent
+    if out.resolve() == folder.resolve():
+        raise ValueError(f"-o {out}: is the folder of the input images; expected another folder (label maps "
+                         f"there would be taken for inputs, or replace them with --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{TEMP_PREFIX}*"):
         stale.unlink()
@@ -217,13 +256,12 @@ def main(argv=None):
         check_image_header(path)  # every input, before the first forward
     model, card = load_predictor(args.checkpoint, torch.device(args.device))
     model = Network(model, args.amp, args.channels_last).eval()
-    out = prepare_output(args.output)
-    (out / "predict.json").write_text(json.dumps({"checkpoint": str(Path(args.checkpoint).resolve()),
-                                                  "lcc": args.lcc, "tta": args.tta, "model_card": card}, indent=2))
+    out = prepare_output(args.output, args.input)
+    record_run(out, args, card)
     written, skipped = 0, 0
     for case, path, ending in tqdm(cases, desc="predict", unit="case", disable=None):
         name = output_name(case, ending)
-        if (out / name).is_file() and not args.overwrite:
+        if is_done(out, name, args.save_probabilities) and not args.overwrite:
             skipped += 1
             continue
         image = read_image(path)

@@ -10,6 +10,9 @@ cases in unlabeled.list, which have no label on disk. The class count comes from
 """
 import argparse
 import sys
+from pathlib import Path
+
+import yaml
 
 from dataloaders.converted import read_dataset_info
 from dataloaders.dataset import read_list
@@ -18,21 +21,33 @@ from utils.errors import run_cli
 
 
 def dataset_defaults(argv):
-    """(number of classes, number of labeled training cases) of the --root_path in ``argv``."""
+    """(number of classes, number of labeled training cases) of the --root_path in ``argv`` (or in its
+    ``--config`` YAML). A --num_classes on the command line is refused; one in the YAML (a saved
+    config.yaml) only when it differs from dataset.json's."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--root_path")
-    pre.add_argument("--num_classes")
+    for flag in ("--root_path", "--num_classes", "--config"):
+        pre.add_argument(flag)
     known, _ = pre.parse_known_args(argv)
     words = sys.argv[1:] if argv is None else argv
     if "-h" in words or "--help" in words:
         return None, None  # the help text needs no data set
-    if not known.root_path:
-        raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
     if known.num_classes is not None:
-        raise SystemExit(f"--num_classes {known.num_classes}: the class count comes from "
-                         f"{known.root_path}/dataset.json")
-    info = read_dataset_info(known.root_path)
-    return int(info["num_classes"]), len(read_list(known.root_path, "train.list"))
+        raise SystemExit(f"--num_classes {known.num_classes}: the class count comes from --root_path's dataset.json")
+    values = {}
+    if known.config and Path(known.config).is_file():  # an unreadable --config is reported by parse_args
+        try:
+            values = yaml.safe_load(Path(known.config).read_text()) or {}
+        except yaml.YAMLError:
+            values = {}
+    values = values if isinstance(values, dict) else {}
+    root = known.root_path or values.get("root_path")
+    if not root:
+        raise SystemExit("--root_path is required: a folder written by code/dataloaders/convert_dataset.py")
+    info = read_dataset_info(root)
+    if values.get("num_classes") not in (None, info["num_classes"]):
+        raise SystemExit(f"--config {known.config}: num_classes {values['num_classes']}, but {root}/dataset.json "
+                         f"has {info['num_classes']} classes")
+    return int(info["num_classes"]), len(read_list(root, "train.list"))
 
 
 def build_parser(num_classes=None, labelnum=None):

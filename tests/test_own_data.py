@@ -228,6 +228,9 @@ def test_predict_resumes_skips_finished_and_writes_probabilities(dataset, tmp_pa
     predict.main(args)
     assert "skipped 1 already in" in capsys.readouterr().out
     assert (out / "new_00.nii.gz").stat().st_mtime_ns == stamp and not (out / ".partial-new_01.nii.gz").exists()
+    (out / "new_00.npz").unlink()
+    predict.main(args + ["--save_probabilities"])  # a finished case without the asked-for probabilities is redone
+    assert np.array_equal(np.load(out / "new_00.npz")["probabilities"], probs)
     predict.main(args + ["--overwrite", "--batch_size", "5"])
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "new_00.nii.gz"))), label)
     predict.main(args + ["--overwrite", "--amp", "bf16", "--channels_last", "on"])
@@ -239,10 +242,11 @@ def test_predict_resumes_skips_finished_and_writes_probabilities(dataset, tmp_pa
 
 
 def test_predict_case_names_follow_the_nnunet_channel_suffix(tmp_path):
-    for name in ("a_0000.nii.gz", "scan_0001.mha", "b.nrrd", "notes.txt", "c.mhd", "c.zraw"):
+    for name in ("a_0000.nii.gz", "scan_0001.mha", "b.nrrd", "notes.txt", "c.mhd", "c.zraw", "d.nhdr", "d.raw.gz"):
         (tmp_path / name).write_bytes(b"")
     cases = predict.list_inputs(tmp_path)
     assert [(case, path.name, ending) for case, path, ending in cases] == [
-        ("a", "a_0000.nii.gz", ".nii.gz"), ("b", "b.nrrd", ".nrrd"), ("c", "c.mhd", ".mhd"),
+        ("a", "a_0000.nii.gz", ".nii.gz"), ("b", "b.nrrd", ".nrrd"), ("c", "c.mhd", ".mhd"), ("d", "d.nhdr", ".nhdr"),
         ("scan_0001", "scan_0001.mha", ".mha")]
     assert predict.output_name("c", ".mhd") == "c.mha" and predict.output_name("a", ".nii.gz") == "a.nii.gz"
+    assert predict.output_name("d", ".nhdr") == "d.nrrd"  # a header + data pair is written as one file

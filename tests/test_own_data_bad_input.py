@@ -165,3 +165,102 @@ def test_checkpoint_that_does_not_fit(trained, tmp_path):
     save_checkpoint(other, tmp_path / "old.pth")
     args[-1] = str(tmp_path / "old.pth")
     assert error_of(predict.main, args).startswith(f"error: {tmp_path / 'old.pth'}: no model card")
+
+
+def plain_folder(folder, labels):
+    """An images/ + labels/ folder whose label files hold ``labels`` (name -> array) instead of the phantom's."""
+    for sub in ("images", "labels"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for k, (case, label) in enumerate(labels.items()):
+        image, _ = phantom(label.shape, seed=k)
+        write_image(image, folder / "images" / f"{case}.nii.gz", SPACING)
+        write_image(label, folder / "labels" / f"{case}.nii.gz", SPACING)
+    return folder
+
+
+def test_a_0_255_mask_without_class_names_is_refused(tmp_path):
+    masks = {f"c{k}": (phantom((6, 36, 40), seed=k)[1] > 0).astype(np.uint8) * 255 for k in range(3)}
+    folder = plain_folder(tmp_path / "plain", masks)
+    assert converting(folder, tmp_path / "out") == ("error: label values [0, 255] over all label files: 1, 2, 3, "
+                                                    "4, 5, ... never occur; expected classes 0..C-1 (remap the "
+                                                    "labels, or name the classes with --class_names)")
+    masks["c0"] = masks["c0"].astype(np.uint16) * 4  # 0/1020: beyond the uint8 class maps
+    plain_folder(folder, masks)
+    assert converting(folder, tmp_path / "out") == (f"error: {folder / 'labels' / 'c0.nii.gz'}: label holds the "
+                                                    f"value 1020; expected class indices 0..255")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_image_with_nan_is_refused_naming_it(tmp_path):
+    raw = tmp_path / "Dataset003_Mha"  # .mha keeps a NaN (ITK's NIfTI reader reads it as 0)
+    make_nnunet(raw, n_labeled=3, n_unlabeled=1, ending=".mha")
+    image = phantom((6, 36, 40), seed=0)[0].astype(np.float32)
+    image[2, 3, 4] = np.nan
+    path = write_image(image, raw / "imagesTr" / "case_00_0000.mha", SPACING)
+    assert converting(raw, tmp_path / "out") == (f"error: {path}: image holds NaN or infinite values; expected "
+                                                 f"finite intensities")
+
+
+def test_an_ignore_label_is_refused(raw, tmp_path):
+    info = json.loads((raw / "dataset.json").read_text())
+    info["labels"]["ignore"] = 3
+    (raw / "dataset.json").write_text(json.dumps(info))
+    assert converting(raw, tmp_path / "out").startswith(f"error: {raw / 'dataset.json'}: an 'ignore' label;")
+
+
+def test_split_flags_and_files_do_not_mix(raw, tmp_path):
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"val": ["case_01"], "test": []}))
+    assert converting(raw, tmp_path / "out", "--splits", str(splits), "--val_cases", "case_02") == \
+        "error: --splits with --val_cases/--test_cases: give the split one way"
+    splits.write_text(json.dumps({"val": [1], "test": []}))  # a number is not a case id of the input
+    assert converting(raw, tmp_path / "out", "--splits", str(splits)).startswith(
+        f"error: --splits {splits}: 1 is not a labeled case of the input")
+
+
+def test_predict_refuses_its_input_folder_as_output(trained, tmp_path):
+    raw, _, final = trained
+    inputs = tmp_path / "scans"
+    shutil.copytree(raw / "imagesTs", inputs)
+    before = sorted(p.name for p in inputs.iterdir())
+    message = error_of(predict.main, ["-i", str(inputs), "-o", str(inputs), "--checkpoint", str(final)])
+    assert message.startswith(f"error: -o {inputs}: is the folder of the input images; expected another folder")
+    assert sorted(p.name for p in inputs.iterdir()) == before  # nothing written, nothing replaced
+
+
+def test_predict_refuses_to_mix_runs_in_one_output(trained, tmp_path):
+    raw, _, final = trained
+    out = tmp_path / "pred"
+    args = ["-i", str(raw / "imagesTs"), "-o", str(out), "--checkpoint", str(final), "--device", "cpu"]
+    predict.main(args)
+    stamp = (out / "new_00.nii.gz").stat().st_mtime_ns
+    message = error_of(predict.main, args + ["--tta", "flip"])
+    assert message == (f"error: -o {out}: holds label maps of another run (tta 'none' there, 'flip' now); give "
+                       f"--overwrite to predict every case again, or another -o")
+    assert (out / "new_00.nii.gz").stat().st_mtime_ns == stamp
+    assert json.loads((out / "predict.json").read_text())["tta"] == "none"
+    predict.main(args + ["--tta", "flip", "--overwrite"])
+    assert json.loads((out / "predict.json").read_text())["tta"] == "flip"
+
+
+def test_train_custom_reads_the_root_from_its_config(trained, tmp_path):
+    _, conv, _ = trained
+    config = tmp_path / "run.yaml"
+    config.write_text(f"root_path: {conv}\nnum_classes: 3\n")  # a saved config.yaml names both
+    assert train_custom.dataset_defaults(["--config", str(config)]) == (3, 2)
+    config.write_text(f"root_path: {conv}\nnum_classes: 4\n")
+    with pytest.raises(SystemExit, match=f"num_classes 4, but {conv}/dataset.json has 3 classes"):
+        train_custom.dataset_defaults(["--config", str(config)])
+    with pytest.raises(SystemExit, match="--num_classes 3: the class count comes from --root_path's dataset.json"):
+        train_custom.dataset_defaults(["--root_path", str(conv), "--num_classes", "3"])
+    with pytest.raises(SystemExit, match="--root_path is required"):
+        train_custom.dataset_defaults([])
+
+
+def test_test_custom_on_an_empty_test_split_says_how_to_get_one(trained, tmp_path):
+    _, conv, final = trained
+    message = error_of(test_custom.main, ["--checkpoint", str(final), "--root_path", str(conv), "--out",
+                                          str(tmp_path / "eval")])
+    assert message == (f"--split test: {conv / 'test.list'} is empty: no case to evaluate. Evaluate on "
+                       f"--split val, or convert again naming labeled test cases (convert_dataset.py --test_cases "
+                       f"or --splits).")

@@ -130,6 +130,9 @@ def class_names_from_labels(labels, where):
     """['background', name1, ...] from an nnU-Net ``labels`` mapping; ValueError unless its values are
     0..C-1, each once (region-based labels are not supported)."""
     by_value = {}
+    if "ignore" in labels:
+        raise ValueError(f"{where}: an 'ignore' label; expected only classes to learn (ignore labels are not "
+                         f"supported: remove it and remap its voxels)")
     for name, value in labels.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{where}: label {name!r} has value {value!r}; expected an integer (region-based "
@@ -210,6 +213,8 @@ def label_values(label, path):
                          f"expected class indices")
     if values.size and values.min() < 0:
         raise ValueError(f"{path}: label holds negative values ({values.min():g}); expected class indices >= 0")
+    if values.size and values.max() > 255:
+        raise ValueError(f"{path}: label holds the value {values.max():g}; expected class indices 0..255")
     return values.astype(np.int64)
 
 
@@ -217,6 +222,8 @@ def check_case(entry):
     """Read and check one case; returns its label values (None when unlabeled)."""
     image = read_image(entry["image"])
     check_single_channel_3d(image, entry["image"])
+    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
+        raise ValueError(f"{entry['image']}: image holds NaN or infinite values; expected finite intensities")
     if entry["label"] is None:
         return None
     label = read_image(entry["label"])
@@ -234,7 +241,14 @@ def resolve_classes(classes, class_names, values_by_case, cases):
             raise ValueError(f"--class_names {class_names}: the input's dataset.json names {classes[1:]}")
         classes = names
     if classes is None:
-        top = max((int(v.max()) for v in values_by_case.values() if v is not None and v.size), default=0)
+        seen = sorted({int(v) for values in values_by_case.values() if values is not None for v in values})
+        missing = sorted(set(range(max(seen, default=0) + 1)) - set(seen))
+        if missing:  # e.g. a 0/255 mask: the values are not class indices 0..C-1
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(f"label values {seen[:6]}{'...' if len(seen) > 6 else ''} over all label files: {shown} "
+                             f"never occur; expected classes 0..C-1 (remap the labels, or name the classes with "
+                             f"--class_names)")
+        top = seen[-1] if seen else 0
         classes = ["background"] + [f"class{k}" for k in range(1, max(top, 1) + 1)]
     for case, values in values_by_case.items():
         if values is not None and values.size and values.max() >= len(classes):
@@ -256,6 +270,8 @@ def resolve_splits(labeled, args):
     """``({"train", "val", "test"}, how)``: the evaluation cases from flags, a splits file or a seeded
     split of ``labeled``; the train order from --train_order or a seeded permutation."""
     known = set(labeled)
+    if args.splits and (args.val_cases or args.test_cases):
+        raise ValueError("--splits with --val_cases/--test_cases: give the split one way")
     if args.splits:
         path = Path(args.splits)
         try:
@@ -264,19 +280,22 @@ def resolve_splits(labeled, args):
         except (ValueError, AttributeError, OSError) as err:
             raise ValueError(f"--splits {path}: expected a JSON file {{\"val\": [...], \"test\": [...]}} "
                              f"({err})") from None
-        val = _case_list(",".join(val), f"--splits {path}", known)
-        test = _case_list(",".join(test), f"--splits {path}", known)
+        val = _case_list(",".join(map(str, val)), f"--splits {path}", known)
+        test = _case_list(",".join(map(str, test)), f"--splits {path}", known)
         how = f"file {path.resolve()}"
-    elif args.val_cases or args.test_cases:
-        val = _case_list(args.val_cases or "", "--val_cases", known)
+    elif args.val_cases:
+        val = _case_list(args.val_cases, "--val_cases", known)
         test = _case_list(args.test_cases or "", "--test_cases", known)
         how = "flags"
-    else:
+    else:  # val drawn (seeded) from the labeled cases not in --test_cases
+        test = _case_list(args.test_cases or "", "--test_cases", known)
+        pool = [c for c in labeled if c not in set(test)]
         rng = np.random.default_rng(args.seed)
-        shuffled = [labeled[i] for i in rng.permutation(len(labeled))]
-        n_val = max(1, int(round(args.val_fraction * len(labeled)))) if len(labeled) > 1 else 0
-        val, test = sorted(shuffled[:n_val]), []
-        how = f"seeded (--seed {args.seed}, --val_fraction {args.val_fraction})"
+        shuffled = [pool[i] for i in rng.permutation(len(pool))]
+        n_val = max(1, int(round(args.val_fraction * len(pool)))) if len(pool) > 1 else 0
+        val = sorted(shuffled[:n_val])
+        how = (f"seeded (--seed {args.seed}, --val_fraction {args.val_fraction})"
+               + (", test from --test_cases" if test else ""))
     both = set(val) & set(test)
     if both:
         raise ValueError(f"cases {sorted(both)} are in both the val and the test split")

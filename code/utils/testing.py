@@ -76,11 +76,14 @@ def _check_split_not_empty(root, split):
     if not path.is_file() or path.read_text().split():
         return
     info = Path(root) / "dataset.json"
-    withheld = json.loads(info.read_text()).get("withheld_test_cases", []) if info.is_file() else []
+    recorded = json.loads(info.read_text()) if info.is_file() else {}
+    withheld = recorded.get("withheld_test_cases", [])
     reason = (f"the source folder withholds its {split} cases ({' '.join(withheld)}: listed, no files), "
               f"so the preprocessing wrote none" if withheld else "no case to evaluate")
-    raise SystemExit(f"--split {split}: {path} is empty: {reason}. Evaluate on --split val, or preprocess "
-                     f"a data folder that has the {split} cases' images and segmentations.")
+    remedy = (f"convert again naming labeled {split} cases (convert_dataset.py --{split}_cases or --splits)"
+              if "preprocessing" in recorded and "split_source" in recorded
+              else f"preprocess a data folder that has the {split} cases' images and segmentations")
+    raise SystemExit(f"--split {split}: {path} is empty: {reason}. Evaluate on --split val, or {remedy}.")
 
 
 def run_test(args, class_names, describe_data=None):
