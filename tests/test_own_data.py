@@ -250,3 +250,19 @@ def test_predict_case_names_follow_the_nnunet_channel_suffix(tmp_path):
         ("scan_0001", "scan_0001.mha", ".mha")]
     assert predict.output_name("c", ".mhd") == "c.mha" and predict.output_name("a", ".nii.gz") == "a.nii.gz"
     assert predict.output_name("d", ".nhdr") == "d.nrrd"  # a header + data pair is written as one file
+
+
+def test_predict_writes_a_header_and_data_input_as_one_file_that_survives_a_rerun(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    make_nnunet(raw, n_labeled=3, n_unlabeled=1, ending=".nhdr")  # .nhdr headers beside their data files
+    assert any(p.name.startswith("new_00_0000") and not p.name.endswith(".nhdr") for p in (raw / "imagesTs").iterdir())
+    convert(raw, tmp_path / "conv", "--val_cases", "case_02")
+    final = tiny_train(tmp_path / "conv", tmp_path / "run", "--method", "labeled_only", "--pre_iterations", "2",
+                       "--stage_iterations", "2", "--hca_weights", "0,0,0,1")
+    args = ["-i", str(raw / "imagesTs"), "-o", str(tmp_path / "pred"), "--checkpoint", str(final), "--device", "cpu"]
+    predict.main(args)
+    predict.main(args)  # the rerun skips the case and must leave its file readable
+    assert "skipped 1 already in" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["new_00.nrrd", "predict.json"]
+    written = sitk.ReadImage(str(tmp_path / "pred" / "new_00.nrrd"))
+    assert same_geometry(written, sitk.ReadImage(str(raw / "imagesTs" / "new_00_0000.nhdr")))
