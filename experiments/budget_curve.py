@@ -15,7 +15,10 @@ The analysis (also alone, ``--analyse``) reads every evaluated run and writes ``
 (per budget and method: final val Dice mean ± std and per seed, run times; paired per-seed
 differences against ``--references``), ``OUT/budget_curve.json``, ``OUT/budget_curve.png`` (final val
 Dice against total iterations, one line per method, ±std bars) and ``OUT/learning_curves_<B>.png``
-(mean learning curves at the largest budget).
+(mean learning curves at the largest budget). A point measured elsewhere (another machine or folder,
+whose run folders are gone) joins the table and figure with ``--recorded FILE``: a JSON file
+``{"budget": B, "source": "...", "dice": {method: {seed: val Dice in %}}, "minutes": {method: {seed: m}}}``
+("minutes" optional); it is drawn with open markers and its source is written in the table.
 
     python experiments/budget_curve.py --root_path ../shared/data/ACDC --out results/budget_7 \\
         --budgets 2400 4800 9600 --methods labeled_only bcp sscd --labelnum 7 --seeds 1 2 3
@@ -32,7 +35,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "code"))
 import compare_acdc  # noqa: E402
 from compare_arms import arm_runs, summarise  # noqa: E402
-from run_table import TIMES_FILE  # noqa: E402
+from run_table import TIMES_FILE, TRAINED_FILE  # noqa: E402
 from utils.report import run_name  # noqa: E402
 
 #: (method, labelnum) -> --stage_lr chosen by the 2400-iteration acceptance table (docs/results.md §1.5);
@@ -56,6 +59,8 @@ def build_parser():
                    help="another self-training rate for METHOD ('none': --base_lr for every phase)")
     p.add_argument("--references", nargs="+", default=["labeled_only", "bcp"],
                    help="methods the others are paired against, per budget")
+    p.add_argument("--recorded", action="append", default=[], metavar="FILE",
+                   help="JSON file of a point measured elsewhere (see the docstring); repeatable")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--analyse", action="store_true", help="only read the finished runs and write the analysis")
     return p
@@ -104,6 +109,48 @@ def run_seconds(run_dir):
     return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line.strip())
 
 
+def was_resumed(run_dir):
+    """Whether the training that finished was a resumed one (its time then leaves out the interrupted part)."""
+    marker = Path(run_dir) / TRAINED_FILE
+    return marker.is_file() and "--resume" in marker.read_text().split()
+
+
+def machines(out):
+    """``{budget: "CPU model (capability)"}`` of the starts in ``out/machines.jsonl`` that ran each budget."""
+    path = Path(out) / "machines.jsonl"
+    found = {}
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        entry = json.loads(line)
+        argv = entry.get("argv", [])
+        budgets = argv[argv.index("--budgets") + 1:] if "--budgets" in argv else []
+        for b in budgets:
+            if b.startswith("--"):
+                break
+            name = f"{entry.get('cpu_model')} ({entry.get('cpu_capability')})"
+            found.setdefault(int(b), set()).add(name)
+    return {b: ", ".join(sorted(names)) for b, names in found.items()}
+
+
+def load_recorded(path, methods):
+    """``(budget, {method: {seed: run}}, source)`` of a point measured elsewhere (see the module docstring);
+    runs have ``dice`` (%), ``seconds`` (None unless given) and no history."""
+    try:
+        record = json.loads(Path(path).read_text())
+        budget, source, dice = int(record["budget"]), str(record["source"]), record["dice"]
+        minutes = record.get("minutes", {})
+        arms = {m: {int(s): {"dice": float(v), "history": [], "resumed": False,
+                             "seconds": None if minutes.get(m, {}).get(s) is None else 60 * float(minutes[m][s])}
+                    for s, v in dice[m].items()} for m in methods if m in dice}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--recorded {path}: no such file") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"--recorded {path}: expected {{\"budget\": B, \"source\": ..., \"dice\": "
+                         f"{{method: {{seed: %}}}}}} ({type(err).__name__}: {err})") from None
+    if not arms:
+        raise ValueError(f"--recorded {path}: no method of {methods} in its \"dice\"")
+    return budget, arms, source
+
+
 def collect(out, budgets, methods, labelnum):
     """``{budget: {method: {seed: run}}}`` of the evaluated runs (``compare_arms.arm_runs``), each run
     with its ``seconds``; budgets or methods without a table are left out."""
@@ -115,24 +162,33 @@ def collect(out, budgets, methods, labelnum):
                 continue
             runs = arm_runs(table, method, labelnum, "val")
             for seed, run in runs.items():
-                run["seconds"] = run_seconds(table / "runs" / run_name("ACDC", method, labelnum, seed))
+                run_dir = table / "runs" / run_name("ACDC", method, labelnum, seed)
+                run["seconds"], run["resumed"] = run_seconds(run_dir), was_resumed(run_dir)
             if runs:
                 found.setdefault(budget, {})[method] = runs
     return found
 
 
-def analyse(out, budgets, methods, labelnum, references):
+def analyse(out, budgets, methods, labelnum, references, recorded=()):
     """Write budget_curve.md/.json/.png and the learning curves of the largest budget; returns the rows."""
     found = collect(out, budgets, methods, labelnum)
     if not found:
         raise FileNotFoundError(f"{out}: no evaluated run under it<B>/<method>/runs for budgets {budgets}")
+    where = {b: machines(out).get(b, "?") for b in found}
+    points = dict(found)
+    for path in recorded:
+        budget, arms, source = load_recorded(path, methods)
+        if budget in points:
+            raise ValueError(f"--recorded {path}: budget {budget} is already measured under {out} or recorded twice")
+        points[budget], where[budget] = arms, source
     rows = []
-    for budget, arms in sorted(found.items()):
+    for budget, arms in sorted(points.items()):
         refs = [r for r in references if r in arms]
         for row in summarise(arms, refs, 0):
-            seconds = [arms[row["arm"]][s]["seconds"] for s in row["seeds"]]
-            minutes = [None if t is None else round(t / 60, 1) for t in seconds]
-            rows.append({"budget": budget, **row, "minutes": minutes})
+            runs = [arms[row["arm"]][s] for s in row["seeds"]]
+            minutes = [None if r["seconds"] is None else round(r["seconds"] / 60, 1) for r in runs]
+            rows.append({"budget": budget, **row, "minutes": minutes, "resumed": [r["resumed"] for r in runs],
+                         "machine": where[budget], "recorded": budget not in found})
     Path(out, "budget_curve.json").write_text(json.dumps(_finite(rows), indent=1, allow_nan=False))
     Path(out, "budget_curve.md").write_text(markdown(rows, references, labelnum))
     plot(rows, Path(out) / "budget_curve.png", labelnum)
@@ -167,17 +223,23 @@ def markdown(rows, references, labelnum):
     """The analysis table: one row per (budget, method)."""
     head = (f"ACDC, {labelnum} labeled, val Dice (%) of the final model\n\n| total iterations | method | seeds | "
             "final val Dice | per seed | minutes per run | "
-            + "".join(f"vs {r}: paired difference, seeds ahead | " for r in references))
-    lines = [head, "|---" * (6 + len(references)) + "|"]
+            + "".join(f"vs {r}: paired difference, seeds ahead | " for r in references) + "machine |")
+    lines = [head, "|---" * (7 + len(references)) + "|"]
     for r in rows:
         paired = [("—" if ref not in r["paired"] else
                    f"{_pm(r['paired'][ref]['diff'], True)}, {r['paired'][ref]['ahead']} of "
                    f"{len(r['paired'][ref]['seeds'])}") for ref in references]
         per_seed = ", ".join(f"s{s} {v}" for s, v in r["per_seed"].items())
-        minutes = ", ".join("?" if m is None else str(m) for m in r["minutes"])
+        minutes = ", ".join(("?" if m is None else str(m)) + ("*" if resumed else "")
+                            for m, resumed in zip(r["minutes"], r["resumed"]))
         lines.append(f"| {r['budget']} | {r['arm']} | {len(r['seeds'])} | {_pm(r['final'])} | {per_seed} | "
-                     f"{minutes} | " + "".join(p + " | " for p in paired))
-    return "\n".join(lines) + "\n"
+                     f"{minutes} | " + "".join(p + " | " for p in paired) + f"{r['machine']} |")
+    notes = ["\nPaired differences are taken within one budget (one machine). "]
+    if any(any(r["resumed"]) for r in rows):
+        notes.append("\\* resumed after an interruption: the time of the interrupted part is not counted. ")
+    if any(r["recorded"] for r in rows):
+        notes.append("Recorded points (open markers in the figure) come from the source in their machine column.")
+    return "\n".join(lines) + "\n" + "".join(notes).rstrip() + "\n"
 
 
 def plot(rows, path, labelnum):
@@ -189,8 +251,11 @@ def plot(rows, path, labelnum):
     for method in dict.fromkeys(r["arm"] for r in rows):
         mine = [r for r in rows if r["arm"] == method]
         std = [0.0 if r["final"][1] != r["final"][1] else r["final"][1] for r in mine]
-        ax.errorbar([r["budget"] for r in mine], [r["final"][0] for r in mine], yerr=std, marker="o", capsize=3,
-                    label=method)
+        line = ax.errorbar([r["budget"] for r in mine], [r["final"][0] for r in mine], yerr=std, marker="o",
+                           capsize=3, label=method)
+        elsewhere = [r for r in mine if r["recorded"]]
+        ax.plot([r["budget"] for r in elsewhere], [r["final"][0] for r in elsewhere], "o", mfc="white",
+                mec=line[0].get_color(), zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["budget"] for r in rows}), labels=[str(b) for b in sorted({r["budget"] for r in rows})])
     ax.set(xlabel="total iterations", ylabel="final val Dice (%)", title=f"ACDC, {labelnum} labeled")
@@ -217,7 +282,7 @@ def main(argv=None, runner=None):
             print(f"== {budget} iterations, {method}: compare_acdc {' '.join(table)}", flush=True)
             status |= compare_acdc.main(table, runner=runner)
     try:
-        rows = analyse(args.out, args.budgets, args.methods, args.labelnum, args.references)
+        rows = analyse(args.out, args.budgets, args.methods, args.labelnum, args.references, args.recorded)
     except (FileNotFoundError, ValueError) as err:
         p.error(str(err))
     print(Path(args.out, "budget_curve.md").read_text())

@@ -120,3 +120,50 @@ def test_bad_budget_and_missing_root_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         curve.main(["--out", str(tmp_path / "empty"), "--analyse"])
     assert "no evaluated run under it<B>/<method>/runs" in capsys.readouterr().err
+
+
+def test_recorded_point_joins_table_and_figure_with_its_source(tmp_path, capsys):
+    out = tmp_path / "b"
+    curve.main(["--root_path", str(tmp_path), "--out", str(out), "--budgets", "4800", "--methods", "labeled_only",
+                "sscd", "--seeds", "1", "2", "--jobs", "1"], runner=BudgetRunner())
+    resumed = out / "it4800" / "sscd" / "runs" / "ACDC_sscd_7_s2" / "TRAINED"
+    resumed.write_text(resumed.read_text().strip() + " --resume\n")  # as run_table writes it for a resumed run
+    record = tmp_path / "xeon.json"
+    record.write_text(json.dumps({"budget": 2400, "source": "recorded: other CPU",
+                                  "dice": {"labeled_only": {"1": 70.0, "2": 71.0}, "sscd": {"1": 73.0, "2": 70.0},
+                                           "abd": {"1": 1.0}}, "minutes": {"sscd": {"1": 20.5}}}))
+    capsys.readouterr()
+    assert curve.main(["--out", str(out), "--budgets", "4800", "--methods", "labeled_only", "sscd", "--analyse",
+                       "--recorded", str(record)]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by = {(r["budget"], r["arm"]): r for r in rows}
+    assert set(by) == {(b, m) for b in (2400, 4800) for m in ("labeled_only", "sscd")}  # abd: not a chosen method
+    old = by[(2400, "sscd")]
+    assert old["recorded"] and old["machine"] == "recorded: other CPU" and old["final"][0] == pytest.approx(71.5)
+    assert old["paired"]["labeled_only"]["diff"][0] == pytest.approx(1.0)  # (+3 - 1) / 2
+    assert old["paired"]["labeled_only"]["ahead"] == 1 and old["minutes"] == [20.5, None]
+    new = by[(4800, "sscd")]
+    assert not new["recorded"] and new["resumed"] == [False, True] and "(" in new["machine"]
+    table = (out / "budget_curve.md").read_text()
+    assert "| 2400 | sscd | 2 | 71.5 ± 2.1 | s1 73.0, s2 70.0 | 20.5, ? |" in table
+    assert "recorded: other CPU |" in table and "* resumed after an interruption" in table
+    assert (out / "budget_curve.png").stat().st_size > 0
+
+
+def test_recorded_file_errors_name_the_file(tmp_path, capsys):
+    out = tmp_path / "b"
+    curve.main(["--root_path", str(tmp_path), "--out", str(out), "--budgets", "2400", "--methods", "sscd",
+                "--seeds", "1", "--jobs", "1"], runner=BudgetRunner())
+    bad = tmp_path / "bad.json"
+    for text, expected in [('{"budget": 2400, "source": "x", "dice": {"sscd": {"1": 70}}}', "already measured"),
+                           ('{"budget": 1200, "dice": {"sscd": {"1": 70}}}', "expected {\"budget\""),
+                           ('{"budget": 1200, "source": "x", "dice": {"bcp": {"1": 70}}}', "no method of")]:
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            curve.main(["--out", str(out), "--budgets", "2400", "--methods", "sscd", "--analyse", "--recorded", str(bad)])
+        err = capsys.readouterr().err
+        assert f"--recorded {bad}" in err and expected in err
+    with pytest.raises(SystemExit):
+        curve.main(["--out", str(out), "--budgets", "2400", "--methods", "sscd", "--analyse", "--recorded",
+                    str(tmp_path / "missing.json")])
+    assert "missing.json: no such file" in capsys.readouterr().err
