@@ -89,6 +89,18 @@ def test_cases_split_without_table(synthetic_root):
     assert len(data.labeled) + len(data.unlabeled) == len(ids)
 
 
+
+def test_no_unlabeled_slice_left_is_an_error_naming_labelnum(synthetic_root):
+    ids = read_list(synthetic_root, "train_slices.list")
+    cases = len(dict.fromkeys(i.split("_")[0] for i in ids))
+    data = TrainData(synthetic_root, cases, SIZE, 4, None)
+    assert data.unlabeled == [] and len(data.labeled) == len(ids)
+    with pytest.raises(ValueError, match=f"^--labelnum {cases}: every slice of .*train_slices.list is then labeled"):
+        data.stream(2, 2, "cpu")
+    batch = next(iter(data.stream(2, 0, "cpu")))  # labeled-only needs no unlabeled slice
+    assert batch["image"].shape[0] == 2 and batch["label"].shape[0] == 2
+
+
 # ------------------------------------------------------------------ sampler
 
 

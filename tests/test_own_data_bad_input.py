@@ -59,6 +59,15 @@ def test_label_without_image(raw, tmp_path):
                                                  f"(expected imagesTr/ghost_0000.nii.gz)")
 
 
+def test_unlabeled_case_named_like_an_input_case_names_both_files(raw, tmp_path):
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(raw / "imagesTr" / "case_01_0000.nii.gz", extra / "case_01.nii.gz")
+    assert converting(raw, tmp_path / "out", "--unlabeled", str(extra)) == (
+        f"error: {extra / 'case_01.nii.gz'}: case case_01 is also {raw / 'imagesTr' / 'case_01_0000.nii.gz'}; "
+        f"unlabeled cases need their own names")
+
+
 def test_split_naming_a_case_without_label(raw, tmp_path):
     message = converting(raw, tmp_path / "out", "--val_cases", "nolabel_00")
     assert message.startswith("error: --val_cases: nolabel_00 is not a labeled case of the input")

@@ -178,7 +178,8 @@ def discover(input_dir, unlabeled_dir=None):
         for case, path in list_images(extra, "--unlabeled").items():
             case = case[: -len(CHANNEL)] if case.endswith(CHANNEL) else case
             if case in cases:
-                raise ValueError(f"{path}: case {case} is also in {folder}; unlabeled cases need their own names")
+                raise ValueError(f"{path}: case {case} is also {cases[case]['image']}; unlabeled cases need their own "
+                                 f"names")
             cases[case] = {"image": path, "label": None}
     if not cases:
         raise ValueError(f"--input {folder}: no image files found")

@@ -338,6 +338,7 @@ class TrainData:
         self.cache = SliceCache(root, ids, image_size, num_classes)
         self.labeled = list(range(count))
         self.unlabeled = list(range(count, len(ids)))
+        self.labelnum, self.list_path = labelnum, root / "train_slices.list"
         counts = torch.bincount(self.cache.labels.flatten().long(), minlength=num_classes)
         absent = [k for k in range(num_classes) if counts[k] == 0]
         if absent:
@@ -348,5 +349,9 @@ class TrainData:
         self.absent_in_labeled = [k for k in range(num_classes) if labeled[k] == 0]
 
     def stream(self, labeled_bs, unlabeled_bs, device, aug_device="device", num_workers=0, strong=True, seed=0):
+        if unlabeled_bs and not self.unlabeled:
+            raise ValueError(f"--labelnum {self.labelnum}: every slice of {self.list_path} is then labeled, so there is "
+                             f"no unlabeled slice for the unlabeled half of the batch; label fewer cases or add "
+                             f"unlabeled ones (docs/own_data.md)")
         sampler = TwoStreamSampler(self.labeled, self.unlabeled, labeled_bs, unlabeled_bs, seed)
         return BatchStream(self.cache, sampler, device, aug_device, num_workers, strong, seed)
