@@ -15,7 +15,7 @@ The analysis (also alone, ``--analyse``) reads every evaluated run and writes ``
 (per budget and method: final val Dice mean ± std and per seed, run times; paired per-seed
 differences against ``--references``), ``OUT/budget_curve.json``, ``OUT/budget_curve.png`` (final val
 Dice against total iterations, one line per method, ±std bars) and ``OUT/learning_curves_<B>.png``
-(mean learning curves at the largest budget). A point measured elsewhere (another machine or folder,
+(mean learning curves of the methods at each measured budget). A point measured elsewhere (another machine or folder,
 whose run folders are gone) joins the table and figure with ``--recorded FILE``: a JSON file
 ``{"budget": B, "source": "...", "dice": {method: {seed: val Dice in %}}, "minutes": {method: {seed: m}}}``
 ("minutes" optional); it is drawn with open markers and its source is written in the table.
@@ -170,7 +170,7 @@ def collect(out, budgets, methods, labelnum):
 
 
 def analyse(out, budgets, methods, labelnum, references, recorded=()):
-    """Write budget_curve.md/.json/.png and the learning curves of the largest budget; returns the rows."""
+    """Write budget_curve.md/.json/.png and the learning curves of every measured budget; returns the rows."""
     found = collect(out, budgets, methods, labelnum)
     if not found:
         raise FileNotFoundError(f"{out}: no evaluated run under it<B>/<method>/runs for budgets {budgets}")
@@ -192,11 +192,11 @@ def analyse(out, budgets, methods, labelnum, references, recorded=()):
     Path(out, "budget_curve.json").write_text(json.dumps(_finite(rows), indent=1, allow_nan=False))
     Path(out, "budget_curve.md").write_text(markdown(rows, references, labelnum))
     plot(rows, Path(out) / "budget_curve.png", labelnum)
-    largest = max(found)
     from utils.curves import plot_mean_curves
-    curves = [{"method": m, "labelnum": labelnum, "config": run["config"], "history": run["history"]}
-              for m, runs in found[largest].items() for run in runs.values()]
-    plot_mean_curves(curves, Path(out) / f"learning_curves_{largest}.png", order=list(found[largest]))
+    for budget, arms in found.items():
+        curves = [{"method": m, "labelnum": labelnum, "config": run["config"], "history": run["history"]}
+                  for m, runs in arms.items() for run in runs.values()]
+        plot_mean_curves(curves, Path(out) / f"learning_curves_{budget}.png", order=list(arms))
     return rows
 
 
