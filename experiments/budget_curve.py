@@ -15,8 +15,8 @@ The analysis (also alone, ``--analyse``) reads every evaluated run and writes ``
 (per budget and method: final val Dice mean ± std and per seed, run times; paired per-seed
 differences against ``--references``), ``OUT/budget_curve.json``, ``OUT/budget_curve.png`` (final val
 Dice against total iterations, one line per method, ±std bars) and ``OUT/learning_curves_<B>.png``
-(mean learning curves of the methods at each measured budget). A point measured elsewhere (another machine or folder,
-whose run folders are gone) joins the table and figure with ``--recorded FILE``: a JSON file
+(mean learning curves of the methods at each measured budget). A point measured elsewhere (another
+machine or folder, whose run folders are gone) joins the table and figure with ``--recorded FILE``: a JSON file
 ``{"budget": B, "source": "...", "dice": {method: {seed: val Dice in %}}, "minutes": {method: {seed: m}}}``
 ("minutes" optional); it is drawn with open markers and its source is written in the table.
 
@@ -121,13 +121,9 @@ def machines(out):
     found = {}
     for line in (path.read_text().splitlines() if path.is_file() else []):
         entry = json.loads(line)
-        argv = entry.get("argv", [])
-        budgets = argv[argv.index("--budgets") + 1:] if "--budgets" in argv else []
-        for b in budgets:
-            if b.startswith("--"):
-                break
-            name = f"{entry.get('cpu_model')} ({entry.get('cpu_capability')})"
-            found.setdefault(int(b), set()).add(name)
+        name = f"{entry.get('cpu_model')} ({entry.get('cpu_capability')})"
+        for budget in build_parser().parse_args(entry.get("argv", [])).budgets:  # the defaults too
+            found.setdefault(budget, set()).add(name)
     return {b: ", ".join(sorted(names)) for b, names in found.items()}
 
 
@@ -174,7 +170,8 @@ def analyse(out, budgets, methods, labelnum, references, recorded=()):
     found = collect(out, budgets, methods, labelnum)
     if not found:
         raise FileNotFoundError(f"{out}: no evaluated run under it<B>/<method>/runs for budgets {budgets}")
-    where = {b: machines(out).get(b, "?") for b in found}
+    cpus = machines(out)
+    where = {b: cpus.get(b, "?") for b in found}
     points = dict(found)
     for path in recorded:
         budget, arms, source = load_recorded(path, methods)

@@ -168,3 +168,12 @@ def test_recorded_file_errors_name_the_file(tmp_path, capsys):
         curve.main(["--out", str(out), "--budgets", "2400", "--methods", "sscd", "--analyse", "--recorded",
                     str(tmp_path / "missing.json")])
     assert "missing.json: no such file" in capsys.readouterr().err
+
+
+def test_machines_name_the_cpu_of_each_budget_started(tmp_path):
+    entries = [{"cpu_model": "CPU A", "cpu_capability": "AVX2", "argv": ["--out", "o", "--budgets", "4800", "--jobs", "1"]},
+               {"cpu_model": "CPU B", "cpu_capability": "AVX512", "argv": ["--out", "o"]}]  # the default budgets
+    (tmp_path / "machines.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert curve.machines(tmp_path) == {2400: "CPU B (AVX512)", 4800: "CPU A (AVX2), CPU B (AVX512)",
+                                        9600: "CPU B (AVX512)"}
+    assert curve.machines(tmp_path / "none") == {}

@@ -89,7 +89,6 @@ def test_cases_split_without_table(synthetic_root):
     assert len(data.labeled) + len(data.unlabeled) == len(ids)
 
 
-
 def test_no_unlabeled_slice_left_is_an_error_naming_labelnum(synthetic_root):
     ids = read_list(synthetic_root, "train_slices.list")
     cases = len(dict.fromkeys(i.split("_")[0] for i in ids))
