@@ -25,6 +25,7 @@ machine or folder, whose run folders are gone) joins the table and figure with `
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -101,12 +102,41 @@ def record_machine(out, argv):
         f.write(json.dumps(entry) + "\n")
 
 
+def attempt_seconds(log_text):
+    """Seconds of each training attempt in a run's ``log.txt`` text: an attempt starts at its
+    ``save_dir:`` line and lasts from its first ``[HH:MM:SS]`` stamp to its last (a stamp earlier
+    than the one before it has passed midnight). The time between an interrupted attempt's last
+    line and its end is not in the log, so not counted."""
+    attempts, day, previous = [], 0, None
+    for line in log_text.splitlines():
+        match = re.match(r"\[(\d\d):(\d\d):(\d\d)\] ", line)
+        if not match:
+            continue
+        h, m, s = (int(g) for g in match.groups())
+        if line[match.end():].startswith("save_dir:") or not attempts:
+            attempts.append([None, None])
+            day, previous = 0, None
+        if previous is not None and h * 3600 + m * 60 + s < previous:
+            day += 1
+        previous = h * 3600 + m * 60 + s
+        stamp = day * 86400 + previous
+        attempts[-1] = [stamp if attempts[-1][0] is None else attempts[-1][0], stamp]
+    return [end - start for start, end in attempts]
+
+
 def run_seconds(run_dir):
-    """Training + evaluation seconds of a run, from run_table's ``run_table_times.jsonl`` (None if absent)."""
+    """Training + evaluation seconds of a run, from run_table's ``run_table_times.jsonl`` (None if
+    absent). A resumed run's training time there is the last attempt's only: its attempts in
+    ``log.txt`` (``attempt_seconds``) are summed instead."""
     path = Path(run_dir) / TIMES_FILE
     if not path.is_file():
         return None
-    return sum(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line.strip())
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    log = Path(run_dir) / "log.txt"
+    if was_resumed(run_dir) and log.is_file():
+        others = sum(step["seconds"] for step in steps if step["step"] != "train")
+        return others + sum(attempt_seconds(log.read_text()))
+    return sum(step["seconds"] for step in steps)
 
 
 def was_resumed(run_dir):
@@ -233,7 +263,8 @@ def markdown(rows, references, labelnum):
                      f"{minutes} | " + "".join(p + " | " for p in paired) + f"{r['machine']} |")
     notes = ["\nPaired differences are taken within one budget (one machine). "]
     if any(any(r["resumed"]) for r in rows):
-        notes.append("\\* resumed after an interruption: the time of the interrupted part is not counted. ")
+        notes.append("\\* resumed after an interruption: the training time is summed over its attempts from the run's "
+                     "log.txt; the seconds between an interrupted attempt's last log line and its end are not counted. ")
     if any(r["recorded"] for r in rows):
         notes.append("Recorded points (open markers in the figure) come from the source in their machine column.")
     return "\n".join(lines) + "\n" + "".join(notes).rstrip() + "\n"

@@ -177,3 +177,24 @@ def test_machines_name_the_cpu_of_each_budget_started(tmp_path):
     assert curve.machines(tmp_path) == {2400: "CPU B (AVX512)", 4800: "CPU A (AVX2), CPU B (AVX512)",
                                         9600: "CPU B (AVX512)"}
     assert curve.machines(tmp_path / "none") == {}
+
+
+def test_attempt_seconds_span_each_attempt_and_midnight():
+    log = "\n".join(["[23:59:50] save_dir: runs/x", "[23:59:55] [pretrain] it 50/100 loss=1.0",
+                     "[00:00:20] [pretrain] it 100/100 loss=0.9", "Traceback (most recent call last):",
+                     "[00:05:00] save_dir: runs/x", "[00:05:40] [stage_1] it 50/50 loss=0.5"])
+    assert curve.attempt_seconds(log) == [30, 40]  # 23:59:50 -> 00:00:20 passes midnight
+    assert curve.attempt_seconds("[10:00:00] save_dir: y\n[09:00:00] later\n") == [23 * 3600]
+    assert curve.attempt_seconds("no stamp\n") == []
+
+
+def test_resumed_run_time_sums_its_logged_attempts(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / curve.TIMES_FILE).write_text('{"step": "train", "seconds": 50.0}\n{"step": "test", "seconds": 10.0}\n')
+    (run / curve.TRAINED_FILE).write_text("python train.py --seed 1\n")
+    (run / "log.txt").write_text("[12:00:00] save_dir: run\n[12:00:30] it 2/4\n"
+                                 "[12:10:00] save_dir: run\n[12:10:40] it 4/4\n")
+    assert curve.run_seconds(run) == 60.0  # not resumed: the recorded steps as they are
+    (run / curve.TRAINED_FILE).write_text("python train.py --seed 1 --resume\n")
+    assert curve.run_seconds(run) == 80.0  # 30 + 40 s of logged attempts, then the 10 s test
