@@ -266,6 +266,18 @@ def test_geometry_mismatch_is_refused(raw, tmp_path):
         preprocess_promise12(raw, tmp_path / "out", image_size=16)
 
 
+def test_image_that_is_not_3d_scalar_is_refused(raw, tmp_path):
+    write_case(raw, "Case00", size_xyz=(12, 10, 2))
+    flat = sitk.GetImageFromArray(np.zeros((10, 12), np.uint16))  # one 2-D slice in place of the volume
+    sitk.WriteImage(flat, str(raw / "Case00.mhd"))
+    with pytest.raises(ValueError, match=r"Case00.mhd: a 2-D image of size \(12, 10\); expected a 3-D"):
+        preprocess_promise12(raw, tmp_path / "out", image_size=16)
+    rgb = sitk.GetImageFromArray(np.zeros((2, 10, 12, 3), np.uint8), isVector=True)
+    sitk.WriteImage(rgb, str(raw / "Case00.mhd"))
+    with pytest.raises(ValueError, match="Case00.mhd: 3 channels per voxel"):
+        preprocess_promise12(raw, tmp_path / "out", image_size=16)
+
+
 def test_label_value_two_is_refused(raw, tmp_path):
     label = blob_label((12, 10, 2))
     label[1, 5, 6] = 2

@@ -55,14 +55,13 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
-from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES, check_single_channel_3d,  # noqa: E402
+from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES,  # noqa: E402
                                    geometry_meta, image_ending, preprocess_image, preprocess_label, read_image)
 from utils.errors import run_cli  # noqa: E402
-from utils.geometry import resized_spacing  # noqa: E402
+from utils.geometry import check_geometry, check_single_channel_3d, resized_spacing  # noqa: E402
 
 LOGGER = logging.getLogger("convert_dataset")
 FORMAT = "sscd-converted-v1"
-GEOMETRY_TOLERANCE = 1e-3
 CHANNEL = "_0000"
 # what makes two conversions the same data set (a rerun with other values is refused without --overwrite)
 SETTINGS = ("preprocessing", "source", "unlabeled_source", "classes", "splits", "unlabeled")
@@ -187,23 +186,6 @@ def discover(input_dir, unlabeled_dir=None):
     if bad:
         raise ValueError(f"--input {folder}: case names {bad} cannot be used as file names")
     return cases, classes, info
-
-
-def check_geometry(image, label, image_path, label_path):
-    """ValueError naming the label file if its size, spacing, origin or direction differ from the image's."""
-    if image.GetSize() != label.GetSize():
-        raise ValueError(f"{label_path}: size {label.GetSize()} differs from the image's {image.GetSize()} "
-                         f"({image_path})")
-    for prop in ("Spacing", "Origin", "Direction"):
-        a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
-        if np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
-            raise ValueError(f"{label_path}: {prop.lower()} {_show(b)} differs from the image's {_show(a)} "
-                             f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
-
-
-def _show(values):
-    """'(0.8, 0.9, 3)': a vector with 6 significant digits."""
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
 def label_values(label, path):

@@ -51,14 +51,13 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 from utils.errors import run_cli  # noqa: E402
-from utils.geometry import resize_slices, resized_spacing  # noqa: E402
+from utils.geometry import check_geometry, check_single_channel_3d, resize_slices, resized_spacing  # noqa: E402
 
 LOGGER = logging.getLogger("preprocess_promise12")
 
 SPLITS = ("train", "val", "test")
 FILE_PATTERN = re.compile(r"^(Case\d+)(_segmentation)?\.(mhd|nii\.gz)$")
 CASE_PATTERN = re.compile(r"^Case\d+$")
-GEOMETRY_TOLERANCE = 1e-3
 PERCENTILES = (0.5, 99.5)
 AHE_ALPHA = 0.3
 AHE_BETA = 0.3
@@ -162,21 +161,6 @@ def case_files(case, entry):
     return entry["image"][0], entry["segmentation"][0]
 
 
-def check_geometry(image, seg, image_path, seg_path):
-    """Raise if image and segmentation differ in size, or in spacing/origin/direction beyond 1e-3."""
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{image_path}: expected a 3-D scalar image, got {image.GetDimension()}-D "
-                         f"with {image.GetNumberOfComponentsPerPixel()} components")
-    if image.GetSize() != seg.GetSize():
-        raise ValueError(f"{seg_path}: size {seg.GetSize()} differs from image size {image.GetSize()}")
-    for prop in ("Spacing", "Origin", "Direction"):
-        a = np.asarray(getattr(image, f"Get{prop}")())
-        b = np.asarray(getattr(seg, f"Get{prop}")())
-        if a.shape != b.shape or np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
-            raise ValueError(f"{seg_path}: {prop.lower()} {tuple(b)} differs from image "
-                             f"{prop.lower()} {tuple(a)} (tolerance {GEOMETRY_TOLERANCE})")
-
-
 def check_labels(label, seg_path):
     """Return the label array as uint8; raise if it holds values other than 0 and 1."""
     values = np.unique(label)
@@ -268,6 +252,7 @@ def load_case(image_path, seg_path):
     """Read and validate one case; return (sitk image, image array, uint8 label array)."""
     image = sitk.ReadImage(str(image_path))
     seg = sitk.ReadImage(str(seg_path))
+    check_single_channel_3d(image, image_path)
     check_geometry(image, seg, image_path, seg_path)
     label = check_labels(sitk.GetArrayFromImage(seg), seg_path)
     return image, sitk.GetArrayFromImage(image), label

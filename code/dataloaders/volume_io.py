@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dataloaders.preprocess_promise12 import preprocess_arrays
-from utils.geometry import resize_slices
+from utils.geometry import check_shape, resize_slices
 
 # file endings SimpleITK reads that this project accepts (longest first, so .nii.gz wins over .gz)
 IMAGE_ENDINGS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -52,21 +52,6 @@ def read_image(path):
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         cause = next((line for line in lines if "itk::ERROR" in line or "Unable" in line), lines[-1] if lines else "")
         raise ValueError(f"{path}: not a readable image ({cause[:200]})") from None
-
-
-def check_shape(dimension, channels, size, path):
-    """ValueError naming ``path`` unless the image is 3-D with one channel per voxel."""
-    if channels != 1:
-        raise ValueError(f"{path}: {channels} channels per voxel (RGB or vector image); expected a single-channel "
-                         f"3-D image (multi-channel input is not supported, see docs/own_data.md)")
-    if dimension != 3:
-        raise ValueError(f"{path}: a {dimension}-D image of size {tuple(size)}; expected a 3-D single-channel "
-                         f"image (split 4-D series into one file per volume)")
-
-
-def check_single_channel_3d(image, path):
-    """ValueError naming ``path`` unless ``image`` is a 3-D scalar image (one channel)."""
-    check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), path)
 
 
 def check_image_header(path):

@@ -1,4 +1,4 @@
-"""Image geometry helpers: in-plane resizing, volume metadata, writing predictions back.
+"""Image geometry helpers: in-plane resizing, volume metadata, label-image checks, writing predictions back.
 
 Processed volumes (``<out>/data/<case>.h5``, see ``dataloaders.preprocess_promise12``) store an
 array of shape (D, S, S): every axial slice of the source image resized to S x S. They carry
@@ -151,3 +151,39 @@ def write_label_image(pred, meta, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(image, str(path), True)
     return path
+
+
+def check_shape(dimension, channels, size, path):
+    """ValueError naming ``path`` unless the image is 3-D with one channel per voxel."""
+    if channels != 1:
+        raise ValueError(f"{path}: {channels} channels per voxel (RGB or vector image); expected a single-channel "
+                         f"3-D image (multi-channel input is not supported, see docs/own_data.md)")
+    if dimension != 3:
+        raise ValueError(f"{path}: a {dimension}-D image of size {tuple(size)}; expected a 3-D single-channel "
+                         f"image (split 4-D series into one file per volume)")
+
+
+def check_single_channel_3d(image, path):
+    """ValueError naming ``path`` unless ``image`` is a 3-D scalar image (one channel)."""
+    check_shape(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize(), path)
+
+
+GEOMETRY_TOLERANCE = 1e-3  # spacing, origin and direction of a label may differ from its image's by this much
+
+
+def check_geometry(image, label, image_path, label_path):
+    """ValueError naming the label file if its size, spacing, origin or direction differ from the image's
+    (beyond ``GEOMETRY_TOLERANCE``)."""
+    if image.GetSize() != label.GetSize():
+        raise ValueError(f"{label_path}: size {label.GetSize()} differs from the image's {image.GetSize()} "
+                         f"({image_path})")
+    for prop in ("Spacing", "Origin", "Direction"):
+        a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
+        if a.shape != b.shape or np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
+            raise ValueError(f"{label_path}: {prop.lower()} {_show(b)} differs from the image's {_show(a)} "
+                             f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
+
+
+def _show(values):
+    """'(0.8, 0.9, 3)': a vector with 6 significant digits."""
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
