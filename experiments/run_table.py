@@ -38,6 +38,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
@@ -96,6 +98,19 @@ def build_parser():
     return p
 
 
+def stage_iterations_source(passthrough):
+    """Where the trainer flags set ``--stage_iterations``: the flag itself, or the ``--config`` YAML
+    that holds the key (named by its path); None when neither does."""
+    if any(f.split("=")[0] == "--stage_iterations" for f in passthrough):
+        return "--stage_iterations"
+    for k, flag in enumerate(passthrough):
+        path = flag.split("=", 1)[1] if flag.startswith("--config=") else (
+            passthrough[k + 1] if flag == "--config" and k + 1 < len(passthrough) else None)
+        if path and Path(path).is_file() and "stage_iterations" in (yaml.safe_load(Path(path).read_text()) or {}):
+            return f"--config {path} (its stage_iterations)"
+    return None
+
+
 def parse_args(argv=None):
     """``(args, trainer_flags)``; methods, labelnums and seeds as validated lists."""
     own, passthrough = split_passthrough(sys.argv[1:] if argv is None else argv)
@@ -120,8 +135,9 @@ def parse_args(argv=None):
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: expected 1 or more")
     staged = [m for m in args.methods if m != "labeled_only"]
-    if len(staged) > 1 and any(f.split("=")[0] == "--stage_iterations" for f in passthrough):
-        parser.error(f"--stage_iterations gives {', '.join(staged)} different budgets (BCP/ABD run one stage, SSCD "
+    source = stage_iterations_source(passthrough)
+    if len(staged) > 1 and source:
+        parser.error(f"{source} gives {', '.join(staged)} different budgets (BCP/ABD run one stage, SSCD "
                      f"five): give --max_iterations, the self-training budget each method splits over its stages")
     if args.dataset != "ACDC" and args.root_path is None:
         parser.error(f"--root_path is required for {args.dataset} (synthetic data exist for ACDC only)")

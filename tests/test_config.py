@@ -129,3 +129,22 @@ def test_saved_config_round_trips(tmp_path):
 def test_save_dir_flag_wins():
     args = parse_args(parser(), ["--save_dir", "somewhere/else"])
     assert str(resolve_save_dir(args)) == "somewhere/else"
+
+
+@pytest.mark.parametrize("method, stages, center_disc, patch", [
+    ("sscd", [6000] * 5, 3, 32), ("labeled_only", [6000] * 5, 3, 32),
+    ("bcp", [30000], 0, 32), ("abd", [30000], 0, 64)])
+def test_paper_config_keeps_each_method_preset(method, stages, center_disc, patch):
+    """configs/acdc_sscd.yaml sets what the methods share: the presets' stage structure survives it,
+    so every method self-trains the same 30k iterations after the same 10k pre-training."""
+    from pathlib import Path
+
+    from utils.cli import sscd_parser
+    from utils.sscd_train import PRESETS, check_sscd_args
+    config = Path(__file__).resolve().parents[1] / "configs" / "acdc_sscd.yaml"
+    p = sscd_parser("ACDC", "test")
+    args = parse_args(p, ["--config", str(config), "--method", method], PRESETS)
+    check_sscd_args(p, args)
+    assert (args.image_size, args.batch_size, args.labeled_bs, args.pre_iterations) == (256, 24, 12, 10000)
+    assert args.stage_iterations == stages and args.total_iterations == 40000
+    assert args.center_disc_stages == center_disc and args.patch_size == patch

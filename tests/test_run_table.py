@@ -209,6 +209,15 @@ def test_stage_iterations_refused_for_methods_with_different_stage_counts(tmp_pa
     assert "give --max_iterations" in capsys.readouterr().err
     assert run_table.main(["--methods", "labeled_only", "sscd", "--out", str(tmp_path), "--dry_run", "--",
                            "--stage_iterations", "10"]) == 0
+    config = tmp_path / "stages.yaml"
+    config.write_text("image_size: 64\nstage_iterations: 10\n")
+    for flags in (["--config", str(config)], [f"--config={config}"]):
+        with pytest.raises(SystemExit):
+            run_table.main(["--methods", "bcp", "sscd", "--out", str(tmp_path), "--", *flags])
+        assert f"--config {config} (its stage_iterations) gives bcp, sscd different budgets" in capsys.readouterr().err
+    config.write_text("image_size: 64\n")  # a config without the key passes
+    assert run_table.main(["--methods", "bcp", "sscd", "--out", str(tmp_path), "--dry_run", "--",
+                           "--config", str(config)]) == 0
 
 
 def test_compare_acdc_is_run_table_with_cpu_scale_flags(tmp_path, capsys):
