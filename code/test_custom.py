@@ -1,6 +1,6 @@
 """Evaluate a checkpoint trained on a converted data set: Dice, Jaccard, HD95, ASD per class (names from its card).
 
-    python code/test_custom.py --checkpoint model/Prostate42_SSCD_15_labeled/best.pth --split val
+    python code/test_custom.py --checkpoint model/CUSTOM_SSCD_15_labeled/best.pth --split val
 
 Predictions are written as <case>_pred.nii.gz in the original geometry of each case (size, spacing,
 origin, direction, slice axis); distances in voxels of the stored grid and in mm.

@@ -44,7 +44,7 @@ VARIANTS = {
 
 def build_parser():
     """The command-line flags (docs/flags.md is generated from this parser)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=("ACDC", "PROMISE12"), default="ACDC",
                    help="which trainer runs the stage (code/train_<dataset>_SSCD.py)")

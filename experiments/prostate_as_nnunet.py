@@ -50,7 +50,7 @@ def write_dataset(raw, out, n_unlabeled, seed=0, cases=None):
 
 def build_parser():
     """The command-line flags (docs/flags.md is generated from this parser)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--raw", required=True, help="the prostate folder (CaseXX.mhd, train.list, val.list)")
     p.add_argument("--out", required=True, help="the nnU-Net raw folder to write")
     p.add_argument("--unlabeled", type=int, default=12, help="training cases written without their label")

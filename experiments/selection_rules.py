@@ -95,7 +95,7 @@ def summarise(table):
 
 def build_parser():
     """The command-line flags (docs/flags.md is generated from this parser)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--table", required=True, help="a run_table/compare_acdc output folder (holding runs/)")
     return p
 

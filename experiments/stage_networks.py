@@ -88,7 +88,7 @@ def summarise(results):
 
 def build_parser():
     """The command-line flags (docs/flags.md is generated from this parser)."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", nargs="+", required=True, help="SSCD run folders (holding stage_<k>/last.pth)")
     p.add_argument("--root_path", default=None, help="processed dataset root (default: the run's --root_path)")
     p.add_argument("--split", default="val", help="val, or test where it is not withheld")

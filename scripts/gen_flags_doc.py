@@ -171,9 +171,11 @@ def section(relative, factory, same_as, groups_of):
     parser, other = parser_of(relative, factory, True), parser_of(relative, factory, False)
     groups_of[relative] = flag_rows(parser, other)
     lines = [f"## `{relative}`\n", cell(parser.description or "") + "\n"]
+    rows = table(groups_of[relative], groups_of.get(same_as) if same_as else None)
     if same_as:
-        lines.append(f"The flags of `{same_as}`, except these rows (every other row is identical):\n")
-    lines += table(groups_of[relative], groups_of.get(same_as) if same_as else None)
+        lines.append(f"The flags of `{same_as}`, except these rows (every other row is identical):\n" if rows
+                     else f"The flags of `{same_as}`, every row identical.\n")
+    lines += rows
     others = subparsers(other)
     for name, (sub, line) in subparsers(parser).items():
         lines += [f"### `{relative} {name}`\n", cell(line) + "\n", *table(flag_rows(sub, others[name][0]))]

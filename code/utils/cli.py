@@ -15,6 +15,9 @@ def sscd_parser(dataset, description, defaults=None):
     num_classes, labelnum = defaults or DATASETS[dataset]
     parser = add_sscd_args(base_parser(description, dataset, num_classes=num_classes, labelnum=labelnum))
     parser.set_defaults(exp=f"{dataset}_SSCD", max_iterations=None)
+    budget = next(a for a in parser._actions if a.dest == "max_iterations")
+    budget.help = ("self-training iterations, split over the curriculum stages (replaces --stage_iterations; "
+                   "labeled-only trains --pre_iterations + this); default: --stage_iterations per stage")
     return parser
 
 
