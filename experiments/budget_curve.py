@@ -276,14 +276,14 @@ def plot(rows, path, labelnum):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["arm"] for r in rows):
+    for k, method in enumerate(dict.fromkeys(r["arm"] for r in rows)):
         mine = [r for r in rows if r["arm"] == method]
         std = [0.0 if r["final"][1] != r["final"][1] else r["final"][1] for r in mine]
-        line = ax.errorbar([r["budget"] for r in mine], [r["final"][0] for r in mine], yerr=std, marker="o",
-                           capsize=3, label=method)
+        ax.errorbar([r["budget"] for r in mine], [r["final"][0] for r in mine], yerr=std, marker="o",
+                    capsize=3, label=method, color=f"C{k}")  # the learning-curve figures' colours
         elsewhere = [r for r in mine if r["recorded"]]
         ax.plot([r["budget"] for r in elsewhere], [r["final"][0] for r in elsewhere], "o", mfc="white",
-                mec=line[0].get_color(), zorder=3)
+                mec=f"C{k}", zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["budget"] for r in rows}), labels=[str(b) for b in sorted({r["budget"] for r in rows})])
     ax.set(xlabel="total iterations", ylabel="final val Dice (%)", title=f"ACDC, {labelnum} labeled")

@@ -198,3 +198,24 @@ def test_resumed_run_time_sums_its_logged_attempts(tmp_path):
     assert curve.run_seconds(run) == 60.0  # not resumed: the recorded steps as they are
     (run / curve.TRAINED_FILE).write_text("python train.py --seed 1 --resume\n")
     assert curve.run_seconds(run) == 80.0  # 30 + 40 s of logged attempts, then the 10 s test
+
+
+def test_figure_gives_each_method_its_learning_curve_colour(tmp_path, monkeypatch):
+    """Method k is drawn in colour Ck, as in the learning-curve figures, also after a recorded point
+    (whose open marker once advanced the colour cycle and gave the next method the wrong colour)."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    row = lambda budget, arm, recorded: {"budget": budget, "arm": arm, "final": [70.0, 1.0],  # noqa: E731
+                                         "recorded": recorded}
+    rows = [row(b, m, b == 2400) for m in ("labeled_only", "bcp", "sscd") for b in (2400, 4800)]
+    curve.plot(rows, tmp_path / "f.png", 7)
+    ax = saved[0].axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["labeled_only", "bcp", "sscd"]
+    cycle = [c["color"] for c in matplotlib.rcParams["axes.prop_cycle"]]
+    assert [to_hex(h[0].get_color()) for h in handles] == [to_hex(c) for c in cycle[:3]]
+    open_markers = [line for line in ax.lines if line.get_markerfacecolor() == "white"]
+    assert [to_hex(line.get_markeredgecolor()) for line in open_markers] == [to_hex(c) for c in cycle[:3]]
