@@ -20,6 +20,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint, remove_stale_temp
 from utils.config import base_parser, parse_args
 from utils.engine import NonFiniteWeights, train_loop
 from utils.evaluation import Validator
+from utils.speed import onednn_isa_cap
 
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISED = REPO / "code" / "train_ACDC_supervised.py"
@@ -238,7 +239,9 @@ def test_rerun_into_a_run_folder_refused_unless_overwrite(finished, synthetic_ro
     assert load_checkpoint(finished / "last.pth")["iteration"] == 2
     log = (finished / "log.txt").read_text()
     assert "OLD RUN" not in log
-    assert f"torch threads {torch.get_num_threads()}: runs with another thread count may differ" in log
+    assert (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, oneDNN cap "
+            f"{onednn_isa_cap() or 'none'}, torch threads "
+            f"{torch.get_num_threads()}: runs with other kernels or another thread count may differ") in log
     assert "--overwrite: removed best.pth, last.pth, tb, validations.jsonl, config.yaml, log.txt" in log
 
 

@@ -227,3 +227,19 @@ def test_no_host_sync_in_training_steps_but_the_documented_one(synthetic_root, t
     finally:
         run.close()
         devmod.apply_backend_flags(devmod.backend_flags(0, "bf16", "cuda"))
+
+
+def test_dropout_on_cuda_is_torch_fused_dropout_seeded_by_the_cuda_generator():
+    """networks/dropout.py on CUDA: torch's dropout (masks from the CUDA generator), x * mask / keep,
+    the same masks again after re-seeding, and the CPU generator left untouched."""
+    from networks.dropout import portable_dropout
+    x = torch.randn(4, 16, 32, 32, device=CUDA)
+    cpu_state = torch.get_rng_state()
+    torch.cuda.manual_seed(3)
+    a = portable_dropout(x, 0.3, training=True)
+    torch.cuda.manual_seed(3)
+    b = portable_dropout(x, 0.3, training=True)
+    assert torch.equal(a, b) and torch.equal(torch.get_rng_state(), cpu_state)
+    kept = a != 0
+    torch.testing.assert_close(a[kept], x[kept] / 0.7)
+    assert 0.65 < kept.float().mean().item() < 0.75

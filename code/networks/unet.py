@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from networks.dropout import Dropout
+
 CHANNELS = (16, 32, 64, 128, 256)
 DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -27,7 +29,7 @@ class ConvBlock(nn.Sequential):
     def __init__(self, in_ch, out_ch, dropout):
         super().__init__(
             nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(inplace=True),
-            nn.Dropout(dropout),
+            Dropout(dropout),  # masks drawn alike on every x86 CPU (networks/dropout.py)
             nn.Conv2d(out_ch, out_ch, 3, padding=1), nn.BatchNorm2d(out_ch), nn.LeakyReLU(inplace=True),
         )
 

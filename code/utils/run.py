@@ -236,9 +236,10 @@ class Run:
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
         self._split_batch()
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
-                         + (f" (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                            f"torch threads {torch.get_num_threads()}: "
-                            "runs with another thread count may differ numerically)"
+                         + (f" ({speed.cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+                            f"oneDNN cap {speed.onednn_isa_cap() or 'none'}, torch threads {torch.get_num_threads()}: "
+                            "runs with other kernels or another thread count may differ numerically, "
+                            "docs/protocol.md#same-seed-same-run)"
                             if self.device.type == "cpu" else ""))
 
     def _split_batch(self):
