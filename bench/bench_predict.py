@@ -95,11 +95,11 @@ def baseline_rss(threads):
     return int(out.split()[-1]) / 1024
 
 
-def bench_acdc(root, work, checkpoint, threads, batch_size, extra=()):
-    """Seconds per volume over the ACDC val volumes (file to written file), predict.py run with the
-    flags ``extra``."""
+def bench_acdc(root, work, checkpoint, threads, batch_size, extra=(), n_cases=None):
+    """Seconds per volume over the ACDC val volumes (the first ``n_cases`` when given; file to written
+    file), predict.py run with the flags ``extra``."""
     inputs = work / "acdc_in"
-    cases = (Path(root) / "val.list").read_text().split()
+    cases = (Path(root) / "val.list").read_text().split()[:n_cases]
     if not inputs.is_dir():
         inputs.mkdir()
         for case in cases:
@@ -141,6 +141,8 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--acdc_root", default=None, help="processed ACDC folder (val.list, data/<case>.h5); "
                    "without it only the large volume is measured")
+    p.add_argument("--acdc_cases", type=int, default=None, help="only the first N val.list volumes (a quick check; "
+                   "--amp bf16 is emulated, ~10x slower, on CPUs without native bf16)")
     p.add_argument("--checkpoint", default=None, help="an ACDC checkpoint (default: a random 256² network)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of the predict.py process")
     p.add_argument("--batch_size", type=int, default=8)
@@ -158,7 +160,7 @@ def main(argv=None):
         if args.acdc_root:
             for extra in ACDC_FLAGS:
                 results["runs"].append(bench_acdc(args.acdc_root, work, args.checkpoint, args.threads,
-                                                  args.batch_size, extra))
+                                                  args.batch_size, extra, args.acdc_cases))
         results["runs"].append(bench_large(work, args.large_size, args.threads, args.batch_size))
     print(f"CPU {results['cpu']}, {args.threads} threads, torch {results['torch']}; a process that only imports "
           f"predict.py peaks at {results['import_rss_mib']:.0f} MiB")

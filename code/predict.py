@@ -15,19 +15,20 @@ there unless ``--overwrite``. ``--save_probabilities`` adds ``{case}.npz`` (``pr
 (C, z, y, x) on the input grid, plus ``spacing``/``origin``/``direction``), written before the label map.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from dataloaders.volume_io import (check_image_header, check_recipe, geometry_meta, image_ending,
+from dataloaders.volume_io import (blank_reason, check_image_header, check_recipe, geometry_meta, image_ending,
                                    preprocess_image, read_image)
 from dataloaders.dataset import resize_nearest
+from dataloaders.image_check import layout
 from networks.unet import CHANNELS, build_model
 from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from utils.errors import run_cli
@@ -42,7 +43,8 @@ IGNORED_SUFFIXES = (".raw", ".raw.gz", ".zraw", ".json", ".txt", ".npz")  # data
 # (one file is renamed atomically; a header's data file would keep its temporary name)
 SINGLE_FILE = {".mhd": ".mha", ".nhdr": ".nrrd"}
 # what predict.json records of a run; a rerun into the same -o with other values is refused
-RUN_SETTINGS = ("checkpoint", "lcc", "tta", "amp", "channels_last")
+RUN_SETTINGS = ("checkpoint", "checkpoint_sha256", "lcc", "tta", "amp", "channels_last")
+CASES_FILE = "predict_cases.jsonl"  # one line per finished case: its input's SHA-256 and the run's settings
 
 
 def parser():
@@ -88,15 +90,38 @@ class Network(torch.nn.Module):
             return self.model(x).float()
 
 
-def case_name(path):
-    """(case, ending) of an input file: 'prostate_07_0000.nii.gz' -> ('prostate_07', '.nii.gz')."""
+def case_name(path, naming="nnunet"):
+    """(case, ending) of an input file: 'prostate_07_0000.nii.gz' -> ('prostate_07', '.nii.gz') under
+    nnU-Net naming; under ``plain`` naming (a model trained on images/ + labels/) the name is kept whole."""
     ending = image_ending(path.name)
     stem = path.name[: -len(ending)]
-    return (stem[: -len(CHANNEL)] if stem.endswith(CHANNEL) else stem), ending
+    return (stem[: -len(CHANNEL)] if naming != "plain" and stem.endswith(CHANNEL) else stem), ending
 
 
-def list_inputs(source):
-    """[(case, path, ending)] of ``-i`` (a file or a folder); ValueError naming what is wrong."""
+def list_inputs(source, naming="nnunet"):
+    """[(case, path, ending)] of ``-i`` (a file or a folder); ValueError naming what is wrong. ``naming``
+    (the model card's): ``nnunet`` reads ``{case}_0000`` as the first channel of ``case`` and refuses a
+    second channel; ``plain`` takes every file name as its case name."""
+    paths = input_paths(source)
+    stems = {path.name[: -len(image_ending(path.name))] for path in paths}
+    cases, seen = [], {}
+    for path in paths:
+        stem = path.name[: -len(image_ending(path.name))]
+        if naming != "plain" and stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000" \
+                and f"{stem[:-5]}{CHANNEL}" in stems:
+            raise ValueError(f"{path}: a second input channel of case {stem[:-5]} ({stem[-5:]}); this model takes one "
+                             f"channel (expected only {{case}}_0000 files)")
+        case, ending = case_name(path, naming)
+        if case in seen:
+            raise ValueError(f"{path}: case {case} also comes from {seen[case].name}; expected one file per case")
+        seen[case] = path
+        cases.append((case, path, ending))
+    return cases
+
+
+def input_paths(source):
+    """The image files of ``-i`` (a file or a folder); ValueError naming a file of another kind or an
+    empty folder."""
     source = Path(source)
     if source.is_file():
         paths = [source]
@@ -108,21 +133,9 @@ def list_inputs(source):
     for path in paths:
         if image_ending(path.name) is None:
             raise ValueError(f"{path}: not an image file predict.py reads (expected .nii.gz, .nii, .mha, .mhd, .nrrd)")
-    stems = {path.name[: -len(image_ending(path.name))] for path in paths}
-    cases, seen = [], {}
-    for path in paths:
-        stem = path.name[: -len(image_ending(path.name))]
-        if stem[-5:-4] == "_" and stem[-4:].isdigit() and stem[-4:] != "0000" and f"{stem[:-5]}{CHANNEL}" in stems:
-            raise ValueError(f"{path}: a second input channel of case {stem[:-5]} ({stem[-5:]}); this model takes one "
-                             f"channel (expected only {{case}}_0000 files)")
-        case, ending = case_name(path)
-        if case in seen:
-            raise ValueError(f"{path}: case {case} also comes from {seen[case].name}; expected one file per case")
-        seen[case] = path
-        cases.append((case, path, ending))
-    if not cases:
+    if not paths:
         raise ValueError(f"-i {source}: no image files (expected .nii.gz, .nii, .mha, .mhd or .nrrd)")
-    return cases
+    return paths
 
 
 def load_predictor(path, device):
@@ -166,9 +179,14 @@ def predict_probabilities(model, volume, image_size, device, batch_size, tta):
     return torch.cat(out).permute(1, 0, 2, 3).numpy()
 
 
-def predict_case(model, card, image, args):
-    """(label (D,H,W) uint8 on the stored grid, probabilities on the input grid or None, slice axis)."""
-    volume, axis = preprocess_image(image, card["preprocessing"])
+def predict_case(model, card, image, args, path="image"):
+    """(label (D,H,W) uint8 on the stored grid, probabilities on the input grid or None, slice axis).
+    A volume that normalises to a constant gets a warning naming ``path``."""
+    volume, axis = preprocess_image(image, card["preprocessing"], path)
+    blank = blank_reason(image, volume)
+    if blank:
+        tqdm.write(f"warning: {path}: {blank}: its slices carry no information; its label map is the network's "
+                   f"answer to a blank image", file=sys.stderr)
     size, device = card["image_size"], torch.device(args.device)
     probs = None
     if args.tta == "flip" or args.save_probabilities:
@@ -190,31 +208,92 @@ def output_name(case, ending):
     return f"{case}{SINGLE_FILE.get(ending, ending)}"
 
 
-def is_done(out, name, save_probabilities):
-    """Whether an earlier run finished this case: its label map, and its probabilities when asked for."""
+def sha256_of(*paths):
+    """Hex SHA-256 of the bytes of ``paths``, one after the other (read in 4 MiB blocks)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def input_fingerprint(path):
+    """SHA-256 of an input image's bytes, with its data file for a ``.mhd``/``.nhdr`` header."""
+    data = layout(path).data_path
+    return sha256_of(path) if Path(data) == Path(path) else sha256_of(path, data)
+
+
+def run_settings(args, card):
+    """What makes two runs' label maps interchangeable: the checkpoint's content and the options."""
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": sha256_of(args.checkpoint),
+            "lcc": args.lcc, "tta": args.tta, "amp": args.amp, "channels_last": args.channels_last}
+
+
+def read_case_records(out):
+    """{label map name: record} of ``out/predict_cases.jsonl`` (a torn last line is ignored)."""
+    records = {}
+    path = out / CASES_FILE
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                records[record["name"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+    return records
+
+
+def is_done(out, name, save_probabilities, record, fingerprint, settings):
+    """Whether an earlier run of these settings finished this case from this very input: its label map
+    (and probabilities when asked for) and a record of the same checkpoint, options and input bytes."""
     stem = name[: -len(image_ending(name))]
-    return (out / name).is_file() and (not save_probabilities or (out / f"{stem}.npz").is_file())
+    return ((out / name).is_file() and (not save_probabilities or (out / f"{stem}.npz").is_file())
+            and record is not None and record.get("input_sha256") == fingerprint
+            and record.get("settings") == settings and (record.get("probabilities") or not save_probabilities))
 
 
-def record_run(out, args, card):
-    """Write ``out/predict.json`` (atomically) with this run's settings; refuse (FileExistsError) an
-    ``out`` whose recorded run used other settings, unless ``--overwrite``, so that its label maps never
-    mix two models or two pipelines."""
-    settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "lcc": args.lcc, "tta": args.tta,
-                "amp": args.amp, "channels_last": args.channels_last}
-    path = out / "predict.json"
-    if path.is_file() and not args.overwrite:
-        try:
-            before = json.loads(path.read_text())
-        except ValueError:
-            before = {}
-        changed = [f"{k} {before.get(k)!r} there, {settings[k]!r} now" for k in RUN_SETTINGS
-                   if before.get(k) != settings[k]]
-        if changed:
-            raise FileExistsError(f"-o {out}: holds label maps of another run ({'; '.join(changed)}); give "
-                                  f"--overwrite to predict every case again, or another -o")
-    tmp = out / f"{TEMP_PREFIX}predict.json"
-    tmp.write_text(json.dumps({**settings, "model_card": card}, indent=2))
+def record_run(out, args, card, settings, names):
+    """Write ``out/predict.json`` (atomically) with this run's settings, marked running; refuse
+    (FileExistsError) an ``out`` whose recorded run used other settings or another checkpoint content,
+    or that holds label maps no run recorded, unless ``--overwrite`` (which also forgets every earlier
+    case record), so that one folder never mixes two models' or two pipelines' label maps."""
+    path, cases = out / "predict.json", out / CASES_FILE
+    if not args.overwrite:
+        before = None
+        if path.is_file():
+            try:
+                before = json.loads(path.read_text())
+            except ValueError:
+                before = {}
+            changed = [f"{k} {before.get(k)!r} there, {settings[k]!r} now" for k in RUN_SETTINGS
+                       if before.get(k) != settings[k]]
+            if changed:
+                raise FileExistsError(f"-o {out}: holds label maps of another run ({'; '.join(changed)}); give "
+                                      f"--overwrite to predict every case again, or another -o")
+        unrecorded = [n for n in names if (out / n).exists() and n not in read_case_records(out)]
+        if before is None and unrecorded:
+            raise FileExistsError(f"-o {out}: holds {len(unrecorded)} label map(s) that no predict.py run recorded "
+                                  f"({', '.join(unrecorded[:3])}{', ...' if len(unrecorded) > 3 else ''}); give "
+                                  f"--overwrite to predict them again, or another -o")
+    elif cases.exists():
+        cases.unlink()  # the records of the replaced run
+    write_json_atomic(path, {**settings, "state": "running", "model_card": card})
+
+
+def record_case(out, name, fingerprint, settings, probabilities):
+    """Append the provenance of one finished case to ``out/predict_cases.jsonl``."""
+    line = json.dumps({"name": name, "input_sha256": fingerprint, "settings": settings,
+                       "probabilities": bool(probabilities)})
+    with open(out / CASES_FILE, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path, value):
+    tmp = path.parent / f"{TEMP_PREFIX}{path.name}"
+    tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)
 
 
@@ -251,23 +330,28 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: expected 1 or more")
-    cases = list_inputs(args.input)
+    input_paths(args.input)
+    model, card = load_predictor(args.checkpoint, torch.device(args.device))
+    cases = list_inputs(args.input, card.get("naming", "nnunet"))
     for _, path, _ in cases:
         check_image_header(path)  # every input, before the first forward
-    model, card = load_predictor(args.checkpoint, torch.device(args.device))
     model = Network(model, args.amp, args.channels_last).eval()
     out = prepare_output(args.output, args.input)
-    record_run(out, args, card)
+    settings = run_settings(args, card)
+    record_run(out, args, card, settings, [output_name(case, ending) for case, _, ending in cases])
+    records = read_case_records(out)
     written, skipped = 0, 0
     for case, path, ending in tqdm(cases, desc="predict", unit="case", disable=None):
-        name = output_name(case, ending)
-        if is_done(out, name, args.save_probabilities) and not args.overwrite:
+        name, fingerprint = output_name(case, ending), input_fingerprint(path)
+        if is_done(out, name, args.save_probabilities, records.get(name), fingerprint, settings):
             skipped += 1
             continue
         image = read_image(path)
-        label, probs, axis = predict_case(model, card, image, args)
+        label, probs, axis = predict_case(model, card, image, args, path)
         write_case(out, name, label, probs, image, axis)
+        record_case(out, name, fingerprint, settings, probs is not None)
         written += 1
+    write_json_atomic(out / "predict.json", {**settings, "state": "complete", "model_card": card})
     print(f"predicted {written} case(s), skipped {skipped} already in {out} (--overwrite predicts them again)"
           if skipped else f"predicted {written} case(s) into {out}")
     return out

@@ -21,13 +21,22 @@ def class_names(path):
 
 
 def check_fits(path, names, root):
-    """CheckpointError unless the checkpoint's classes are those of the converted folder ``root``."""
+    """CheckpointError unless the checkpoint's classes and preprocessing are those of the converted
+    folder ``root`` (a model scores what it was trained on only on data prepared the same way)."""
     if root is None:
         return
-    classes = read_dataset_info(root)["classes"]
+    info = read_dataset_info(root)
+    classes = info["classes"]
     if list(classes[1:]) != list(names):
         raise CheckpointError(f"{path}: a model of classes {['background', *names]}, but {root}/dataset.json has "
                               f"{classes}; expected a checkpoint trained on this data set")
+    card = load_checkpoint(path).get("config", {}).get("model_card") or {}
+    recipe, here = card.get("preprocessing") or {}, info.get("preprocessing") or {}
+    changed = [f"{k}: {recipe.get(k)!r} in the model card, {here.get(k)!r} in {root}/dataset.json"
+               for k in sorted(set(recipe) | set(here)) if recipe.get(k) != here.get(k)]
+    if changed:
+        raise CheckpointError(f"{path}: trained on data prepared otherwise (preprocessing {'; '.join(changed)}); "
+                              f"convert the cases with the model's settings, or use predict.py on the raw images")
 
 
 def build_parser():

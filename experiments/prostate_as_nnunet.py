@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+from dataloaders.image_check import read_image  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 
 
@@ -36,9 +37,9 @@ def write_dataset(raw, out, n_unlabeled, seed=0, cases=None):
     (out / "imagesTr").mkdir(parents=True, exist_ok=True)
     (out / "labelsTr").mkdir(exist_ok=True)
     for case in train + val:
-        sitk.WriteImage(sitk.ReadImage(str(raw / f"{case}.mhd")), str(out / "imagesTr" / f"{case}_0000.nii.gz"), True)
+        sitk.WriteImage(read_image(raw / f"{case}.mhd"), str(out / "imagesTr" / f"{case}_0000.nii.gz"), True)
         if case not in unlabeled:
-            sitk.WriteImage(sitk.ReadImage(str(raw / f"{case}_segmentation.mhd")),
+            sitk.WriteImage(read_image(raw / f"{case}_segmentation.mhd"),
                             str(out / "labelsTr" / f"{case}.nii.gz"), True)
     info = {"channel_names": {"0": "T2"}, "labels": {"background": 0, "gland": 1},
             "numTraining": len(train) + len(val) - n_unlabeled, "file_ending": ".nii.gz",

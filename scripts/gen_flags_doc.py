@@ -48,6 +48,8 @@ SCRIPTS = (
     ("bench/profile_step.py", "build_parser", None),
     ("bench/device_check.py", "build_parser", None),
     ("bench/bench_predict.py", "build_parser", None),
+    ("bench/bench_read.py", "build_parser", None),
+    ("bench/bench_dropout.py", "build_parser", None),
 )
 
 HEADER = """# Flags of every script

@@ -51,3 +51,22 @@ def make_nnunet(folder, n_labeled=5, n_unlabeled=2, shape_zyx=(6, 36, 40), spaci
             "numTraining": n_labeled + n_unlabeled, "file_ending": ending}
     (folder / "dataset.json").write_text(json.dumps(info))
     return names
+
+
+def error_of(main, argv):
+    """The one-line message a script ends with (``error: ...``); fails on a traceback or success."""
+    import pytest
+    from utils.errors import run_cli
+    with pytest.raises(SystemExit) as info:
+        run_cli(main, argv)
+    message = str(info.value.code)
+    assert "\n" not in message, message
+    return message
+
+
+def random_custom_checkpoint(path, size, num_classes=3):
+    """A seeded random network with a converted data set's card (percentile min-max, ``size``²)."""
+    from conftest import load_script
+    recipe = {"normalization": "percentile_minmax", "percentiles": [0.5, 99.5], "slice_axis": "largest_spacing",
+              "size": size}
+    return load_script("bench/bench_predict.py").random_checkpoint(path, "CUSTOM", num_classes, size, recipe)

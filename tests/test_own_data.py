@@ -23,6 +23,10 @@ from own_data import make_nnunet, phantom, write_image
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 SIZE = 32
+# the test scripts' slices per forward (utils.evaluation.predict_volume): predict.py is compared with them at
+# the same batch, whose convolutions round alike on every CPU (another batch size may run other oneDNN
+# kernels, and a random network's near-tie voxels then flip: seen on an AVX2-only EPYC)
+TEST_BATCH = 64
 TINY = ["--image_size", str(SIZE), "--batch_size", "4", "--labeled_bs", "2", "--device", "cpu", "--num_workers", "0",
         "--log_interval", "2", "--val_interval", "2", "--amp", "off"]
 
@@ -177,7 +181,8 @@ def check_predict_equals_test(raw_images, checkpoint, val_cases, root, out, endi
     inputs.mkdir()
     for case in val_cases:
         shutil.copy(raw_images / f"{case}_0000{ending}", inputs / f"{case}_0000{ending}")
-    predict.main(["-i", str(inputs), "-o", str(out / "pred"), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    predict.main(["-i", str(inputs), "-o", str(out / "pred"), "--checkpoint", str(checkpoint), "--device", "cpu",
+                  "--batch_size", str(TEST_BATCH)])
     classes = set()
     for case in val_cases:
         mine = sitk.ReadImage(str(out / "pred" / f"{case}{ending}"))
@@ -263,6 +268,6 @@ def test_predict_writes_a_header_and_data_input_as_one_file_that_survives_a_reru
     predict.main(args)
     predict.main(args)  # the rerun skips the case and must leave its file readable
     assert "skipped 1 already in" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["new_00.nrrd", "predict.json"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["new_00.nrrd", "predict.json", "predict_cases.jsonl"]
     written = sitk.ReadImage(str(tmp_path / "pred" / "new_00.nrrd"))
     assert same_geometry(written, sitk.ReadImage(str(raw / "imagesTs" / "new_00_0000.nhdr")))

@@ -11,20 +11,10 @@ import predict
 import test_custom
 import train_custom
 from dataloaders import convert_dataset
-from own_data import make_nnunet, phantom, write_image
+from own_data import error_of, make_nnunet, phantom, write_image
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import run_cli
 
 SPACING = (0.8, 0.8, 3.0)
-
-
-def error_of(main, argv):
-    """The one-line message a script ends with (``error: ...``)."""
-    with pytest.raises(SystemExit) as info:
-        run_cli(main, argv)
-    message = str(info.value.code)
-    assert "\n" not in message, message
-    return message
 
 
 def converting(raw, out, *flags):
@@ -191,8 +181,10 @@ def test_a_0_255_mask_without_class_names_is_refused(tmp_path):
     masks = {f"c{k}": (phantom((6, 36, 40), seed=k)[1] > 0).astype(np.uint8) * 255 for k in range(3)}
     folder = plain_folder(tmp_path / "plain", masks)
     assert converting(folder, tmp_path / "out") == ("error: label values [0, 255] over all label files: 1, 2, 3, "
-                                                    "4, 5, ... never occur; expected classes 0..C-1 (remap the "
-                                                    "labels, or name the classes with --class_names)")
+                                                    f"4, 5, ... never occur (values above 1 in "
+                                                    f"{folder / 'labels' / 'c0.nii.gz'} and 2 other file(s)); "
+                                                    "expected classes 0..C-1 (remap the labels, or name the classes "
+                                                    "with --class_names)")
     masks["c0"] = masks["c0"].astype(np.uint16) * 4  # 0/1020: beyond the uint8 class maps
     plain_folder(folder, masks)
     assert converting(folder, tmp_path / "out") == (f"error: {folder / 'labels' / 'c0.nii.gz'}: label holds the "
@@ -200,14 +192,30 @@ def test_a_0_255_mask_without_class_names_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_an_image_with_nan_is_refused_naming_it(tmp_path):
-    raw = tmp_path / "Dataset003_Mha"  # .mha keeps a NaN (ITK's NIfTI reader reads it as 0)
-    make_nnunet(raw, n_labeled=3, n_unlabeled=1, ending=".mha")
+@pytest.mark.parametrize("ending", [".mha", ".nii.gz", ".nii"])
+def test_an_image_with_nan_is_refused_naming_it(tmp_path, trained, ending):
+    """Convert and predict refuse a NaN voxel in every format, NIfTI included, whose ITK reader would
+    have turned it into 0 (issue 41)."""
+    raw = tmp_path / "Dataset003_NaN"
+    make_nnunet(raw, n_labeled=3, n_unlabeled=1, ending=ending)
     image = phantom((6, 36, 40), seed=0)[0].astype(np.float32)
     image[2, 3, 4] = np.nan
-    path = write_image(image, raw / "imagesTr" / "case_00_0000.mha", SPACING)
-    assert converting(raw, tmp_path / "out") == (f"error: {path}: image holds NaN or infinite values; expected "
-                                                 f"finite intensities")
+    path = write_image(image, raw / "imagesTr" / f"case_00_0000{ending}", SPACING)
+    expected = f"error: {path}: 1 NaN or infinite voxel(s); expected finite intensities"
+    assert converting(raw, tmp_path / "out") == expected
+    assert error_of(predict.main, ["-i", str(path), "-o", str(tmp_path / "p"), "--checkpoint", str(trained[2]),
+                                   "--device", "cpu"]) == expected
+    assert not (tmp_path / "out").exists() and not list((tmp_path / "p").glob("case_00*"))
+
+
+def test_an_intensity_range_that_overflows_the_normalisation_is_refused(tmp_path, trained):
+    image = phantom((6, 36, 40), seed=0)[0].astype(np.float64)
+    image[:2], image[4:] = -1e308, 1e308  # percentiles at the extremes: high - low overflows
+    path = write_image(image, tmp_path / "huge.mha", SPACING)
+    message = error_of(predict.main, ["-i", str(path), "-o", str(tmp_path / "p"), "--checkpoint", str(trained[2]),
+                                      "--device", "cpu"])
+    assert message == (f"error: {path}: its intensities (-1e+308 .. 1e+308) overflow the normalisation; expected "
+                       f"a finite range")
 
 
 def test_an_ignore_label_is_refused(raw, tmp_path):
@@ -223,8 +231,8 @@ def test_split_flags_and_files_do_not_mix(raw, tmp_path):
     assert converting(raw, tmp_path / "out", "--splits", str(splits), "--val_cases", "case_02") == \
         "error: --splits with --val_cases/--test_cases: give the split one way"
     splits.write_text(json.dumps({"val": [1], "test": []}))  # a number is not a case id of the input
-    assert converting(raw, tmp_path / "out", "--splits", str(splits)).startswith(
-        f"error: --splits {splits}: 1 is not a labeled case of the input")
+    assert converting(raw, tmp_path / "out", "--splits", str(splits)) == \
+        f"error: --splits {splits}: val is [1]; expected a list of case names"
 
 
 def test_predict_refuses_its_input_folder_as_output(trained, tmp_path):

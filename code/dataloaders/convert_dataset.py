@@ -56,7 +56,8 @@ if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
 from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES,  # noqa: E402
-                                   geometry_meta, image_ending, preprocess_image, preprocess_label, read_image)
+                                   blank_reason, geometry_meta, image_ending, preprocess_image, preprocess_label,
+                                   read_image, slice_axis)
 from utils.errors import run_cli  # noqa: E402
 from utils.geometry import check_geometry, check_single_channel_3d, resized_spacing  # noqa: E402
 
@@ -76,8 +77,12 @@ def list_images(folder, what):
             continue
         ending = image_ending(path.name)
         if ending is None:
+            lower = path.name.lower()
+            if lower.endswith(".gz") and not lower.endswith(".raw.gz"):
+                raise ValueError(f"{path}: a gzip-compressed file this converter cannot read; expected .nii.gz, or "
+                                 f".mha/.nrrd (which compress inside: SimpleITK.WriteImage(..., useCompression=True))")
             if path.suffix.lower() in (".raw", ".zraw", ".gz", ".json", ".txt", ".list"):
-                continue  # MetaImage data files and notes beside the images
+                continue  # MetaImage/NRRD data files and notes beside the images
             raise ValueError(f"{path}: not an image file this converter reads (expected one of .nii.gz, .nii, "
                              f".mha, .mhd, .nrrd in {what})")
         case = path.name[: -len(ending)]
@@ -119,8 +124,13 @@ def nnunet_cases(folder):
             raise FileNotFoundError(f"{path}: a label without an image (expected imagesTr/{case}_0000{ending})")
         cases[case]["label"] = path
     test_dir = folder / "imagesTs"
-    predict_only = sorted(c[: -len(CHANNEL)] if c.endswith(CHANNEL) else c
-                          for c in (list_images(test_dir, "imagesTs") if test_dir.is_dir() else {}))
+    test_files = list_images(test_dir, "imagesTs") if test_dir.is_dir() else {}
+    predict_only = sorted(c[: -len(CHANNEL)] if c.endswith(CHANNEL) else c for c in test_files)
+    both = sorted(set(predict_only) & set(cases))
+    if both:
+        clash = next(p for c, p in test_files.items() if (c[: -len(CHANNEL)] if c.endswith(CHANNEL) else c) == both[0])
+        raise ValueError(f"{clash}: case {both[0]} is in imagesTs and in imagesTr ({cases[both[0]]['image'].name}); "
+                         f"a test case must not be a training case")
     return cases, classes, {"layout": "nnunet", "file_ending": ending, "channel_names": channels,
                             "predict_only_cases": predict_only, "numTraining": info.get("numTraining")}
 
@@ -174,7 +184,14 @@ def discover(input_dir, unlabeled_dir=None):
         extra = Path(unlabeled_dir)
         if not extra.is_dir():
             raise FileNotFoundError(f"--unlabeled {extra}: not a folder")
-        for case, path in list_images(extra, "--unlabeled").items():
+        found = list_images(extra, "--unlabeled")
+        for case, path in found.items():
+            base, suffix = case[:-5], case[-5:]
+            if suffix[:1] == "_" and suffix[1:].isdigit() and suffix != CHANNEL and (
+                    f"{base}{CHANNEL}" in found or base in found):
+                raise ValueError(f"{path}: a second input channel of case {base} ({suffix}); expected one channel "
+                                 f"per case ({{case}}.ext or {{case}}_0000.ext), as in imagesTr")
+        for case, path in found.items():
             case = case[: -len(CHANNEL)] if case.endswith(CHANNEL) else case
             if case in cases:
                 raise ValueError(f"{path}: case {case} is also {cases[case]['image']}; unlabeled cases need their own "
@@ -185,6 +202,10 @@ def discover(input_dir, unlabeled_dir=None):
     bad = [c for c in cases if not c or "/" in c or c.startswith(".")]
     if bad:
         raise ValueError(f"--input {folder}: case names {bad} cannot be used as file names")
+    spaced = sorted(c for c in cases if c != c.strip() or any(ch in c for ch in "\n\r\t"))
+    if spaced:
+        raise ValueError(f"{cases[spaced[0]]['image']}: case name {spaced[0]!r} begins or ends with white space (or "
+                         f"holds a tab or line break); the split lists could not name it: rename the file")
     return cases, classes, info
 
 
@@ -201,18 +222,42 @@ def label_values(label, path):
     return values.astype(np.int64)
 
 
-def check_case(entry):
-    """Read and check one case; returns its label values (None when unlabeled)."""
+def check_case(entry, rule):
+    """Read and check one case; returns (its label values or None when unlabeled, its slice axis under
+    the --slice_axis ``rule``)."""
     image = read_image(entry["image"])
     check_single_channel_3d(image, entry["image"])
-    if not np.isfinite(sitk.GetArrayViewFromImage(image)).all():
-        raise ValueError(f"{entry['image']}: image holds NaN or infinite values; expected finite intensities")
-    if entry["label"] is None:
-        return None
-    label = read_image(entry["label"])
-    check_single_channel_3d(label, entry["label"])
-    check_geometry(image, label, entry["image"], entry["label"])
-    return label_values(label, entry["label"])
+    try:
+        axis = slice_axis(image.GetSpacing(), rule, image.GetSize())
+    except ValueError as err:
+        raise ValueError(f"{entry['image']}: {err}") from None
+    array = sitk.GetArrayViewFromImage(image)
+    constant = array.size and array.min() == array.max()
+    values = None
+    if entry["label"] is not None:
+        label = read_image(entry["label"])
+        check_single_channel_3d(label, entry["label"])
+        check_geometry(image, label, entry["image"], entry["label"])
+        values = label_values(label, entry["label"])
+        if constant and values.max(initial=0) > 0:
+            raise ValueError(f"{entry['image']}: constant image (every voxel {float(array.min()):g}) with foreground "
+                             f"in {entry['label']}; expected an image with contrast for a labeled case")
+    if constant:
+        LOGGER.warning("%s: constant image (every voxel %g): its slices are zeros and carry no information",
+                       entry["image"], float(array.min()))
+    return values, axis
+
+
+def warn_mixed_axes(axes):
+    """Warn when the cases of one data set are cut along different axes ({case: axis})."""
+    by_axis = {}
+    for case, axis in sorted(axes.items()):
+        by_axis.setdefault("xyz"[axis], []).append(case)
+    if len(by_axis) > 1:
+        parts = "; ".join(f"{name}: {len(cases)} case(s) ({', '.join(cases[:3])}{', ...' if len(cases) > 3 else ''})"
+                          for name, cases in sorted(by_axis.items(), key=lambda kv: -len(kv[1])))
+        LOGGER.warning("the cases are cut along different axes (%s): training mixes slice orientations; give "
+                       "--slice_axis x|y|z to cut every case alike", parts)
 
 
 def resolve_classes(classes, class_names, values_by_case, cases):
@@ -228,9 +273,13 @@ def resolve_classes(classes, class_names, values_by_case, cases):
         missing = sorted(set(range(max(seen, default=0) + 1)) - set(seen))
         if missing:  # e.g. a 0/255 mask: the values are not class indices 0..C-1
             shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            above = [case for case, values in values_by_case.items()
+                     if values is not None and values.size and values.max() > missing[0]]
+            where = f" (values above {missing[0]} in {cases[above[0]]['label']}" + \
+                (f" and {len(above) - 1} other file(s))" if len(above) > 1 else ")")
             raise ValueError(f"label values {seen[:6]}{'...' if len(seen) > 6 else ''} over all label files: {shown} "
-                             f"never occur; expected classes 0..C-1 (remap the labels, or name the classes with "
-                             f"--class_names)")
+                             f"never occur{where}; expected classes 0..C-1 (remap the labels, or name the classes "
+                             f"with --class_names)")
         top = seen[-1] if seen else 0
         classes = ["background"] + [f"class{k}" for k in range(1, max(top, 1) + 1)]
     for case, values in values_by_case.items():
@@ -241,11 +290,13 @@ def resolve_classes(classes, class_names, values_by_case, cases):
 
 
 def _case_list(text, flag, known):
-    """Case ids of a comma-separated flag value, checked against the labeled cases ``known``."""
-    ids = [c.strip() for c in text.split(",") if c.strip()]
+    """Case ids of a comma-separated flag value (or a list), checked against the labeled cases ``known``."""
+    ids = [c.strip() for c in text.split(",") if c.strip()] if isinstance(text, str) else list(text)
     for case in ids:
         if case not in known:
             raise ValueError(f"{flag}: {case} is not a labeled case of the input (labeled: {' '.join(sorted(known))})")
+        if ids.count(case) > 1:
+            raise ValueError(f"{flag}: {case} is named {ids.count(case)} times; expected each case once")
     return ids
 
 
@@ -259,12 +310,15 @@ def resolve_splits(labeled, args):
         path = Path(args.splits)
         try:
             given = json.loads(path.read_text())
-            val, test = list(given.get("val", [])), list(given.get("test", []))
+            val, test = given.get("val", []), given.get("test", [])
         except (ValueError, AttributeError, OSError) as err:
             raise ValueError(f"--splits {path}: expected a JSON file {{\"val\": [...], \"test\": [...]}} "
                              f"({err})") from None
-        val = _case_list(",".join(map(str, val)), f"--splits {path}", known)
-        test = _case_list(",".join(map(str, test)), f"--splits {path}", known)
+        for key, value in (("val", val), ("test", test)):
+            if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+                raise ValueError(f"--splits {path}: {key} is {value!r}; expected a list of case names")
+        val = _case_list(val, f"--splits {path}", known)
+        test = _case_list(test, f"--splits {path}", known)
         how = f"file {path.resolve()}"
     elif args.val_cases:
         val = _case_list(args.val_cases, "--val_cases", known)
@@ -349,6 +403,11 @@ def check_output_folder(out, summary, overwrite):
     if not isinstance(old, dict) or old.get("format") != FORMAT:
         raise FileExistsError(f"--out {out}: exists and was not made by convert_dataset.py (no {FORMAT} dataset.json); "
                               f"choose a new or empty folder")
+    foreign = foreign_entries(out)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"--out {out}: holds entries the converter did not write ({shown}); a new conversion "
+                              f"replaces the whole folder: move them out, or choose another --out")
     changed = [k for k in SETTINGS if old.get(k) != summary.get(k)]
     if changed and not overwrite:
         raise FileExistsError(f"--out {out} holds a conversion made with other settings "
@@ -356,6 +415,51 @@ def check_output_folder(out, summary, overwrite):
                               f"pass --overwrite to replace it, or choose another --out")
     if changed:
         LOGGER.warning("--overwrite: replacing %s (%s changed)", out, ", ".join(changed))
+
+
+OUTPUT_FILES = ("dataset.json", "train.list", "val.list", "test.list", "unlabeled.list", "train_slices.list")
+
+
+def foreign_entries(out):
+    """Paths (relative to ``out``) of what a conversion in ``out`` did not write: anything beside its
+    lists, dataset.json and data/ (which holds <case>.h5 files and slices/<id>.h5)."""
+    out, foreign = Path(out), []
+    for entry in sorted(out.iterdir()):
+        if entry.name in OUTPUT_FILES and entry.is_file():
+            continue
+        if entry.name != "data" or not entry.is_dir():
+            foreign.append(entry.name)
+            continue
+        for item in sorted(entry.iterdir()):
+            if item.name == "slices" and item.is_dir():
+                foreign += [f"data/slices/{f.name}" for f in sorted(item.iterdir())
+                            if not (f.is_file() and f.name.endswith(".h5"))]
+            elif not (item.is_file() and item.name.endswith(".h5")):
+                foreign.append(f"data/{item.name}")
+    return foreign
+
+
+def remove_stale_work_folders(out):
+    """Delete the ``.<out>.partial-PID`` / ``.<out>.old-PID`` folders that conversions killed before
+    they could clean up left beside ``out`` (their process no longer runs); returns their names."""
+    removed = []
+    for folder in sorted(Path(out).parent.glob(f".{Path(out).name}.*-*")):
+        kind, _, pid = folder.name[len(Path(out).name) + 2:].rpartition("-")
+        if kind not in ("partial", "old") or not pid.isdigit() or not folder.is_dir() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder.name)
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != 0
 
 
 def describe_change(key, before, after):
@@ -369,7 +473,10 @@ def describe_change(key, before, after):
 def _write_case(folder, case, entry, split, recipe):
     """Write one case's volume (labeled) and, for training cases, its slices; returns the slice ids."""
     image = read_image(entry["image"])
-    volume, axis = preprocess_image(image, recipe)
+    volume, axis = preprocess_image(image, recipe, entry["image"])
+    blank = blank_reason(image, volume)
+    if blank and not blank.startswith("constant"):  # constant images were named by the check
+        LOGGER.warning("%s: %s: its slices are zeros and carry no information", entry["image"], blank)
     size = recipe["size"]
     label = None
     if entry["label"] is not None:
@@ -408,9 +515,10 @@ def convert_dataset(args):
     if args.image_size < 16 or args.image_size % 16:
         raise ValueError(f"--image_size {args.image_size}: expected a positive multiple of 16 (the network's input)")
     cases, classes, info = discover(args.input, args.unlabeled)
-    values = {}
+    values, axes = {}, {}
     for case in tqdm(sorted(cases), desc="checking", unit="case", disable=not sys.stderr.isatty()):
-        values[case] = check_case(cases[case])  # every case, before anything is written
+        values[case], axes[case] = check_case(cases[case], args.slice_axis)  # every case, before anything is written
+    warn_mixed_axes(axes)
     classes = resolve_classes(classes, args.class_names, values, cases)
     labeled = sorted(c for c in cases if cases[c]["label"] is not None)
     if not labeled:
@@ -428,6 +536,8 @@ def convert_dataset(args):
     out = Path(args.out)
     check_output_folder(out, summary, args.overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for name in remove_stale_work_folders(out):
+        LOGGER.warning("removed %s, left by a conversion that was killed", out.parent / name)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:

@@ -34,6 +34,11 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
+CODE_DIR = str(Path(__file__).resolve().parents[1])
+if CODE_DIR not in sys.path:  # run as a script: code/ holds the dataloaders package
+    sys.path.insert(0, CODE_DIR)
+from dataloaders.image_check import read_image  # noqa: E402
+
 VALID_LABELS = (0, 1, 2, 3)
 SPLIT_LISTS = ("train.list", "val.list", "test.list")
 SLICES_LIST = "train_slices.list"
@@ -108,9 +113,9 @@ def read_pair(image_path, label_path):
     """Read one frame: (normalised float32 image (D, H, W), uint8 label (D, H, W),
     spacing (sz, sy, sx) from the image header); validates shapes and label values."""
     import SimpleITK as sitk  # here, not at import: training imports this module without reading NIfTI
-    image_itk = sitk.ReadImage(str(image_path))
+    image_itk = read_image(image_path)
     image = sitk.GetArrayFromImage(image_itk)
-    label = sitk.GetArrayFromImage(sitk.ReadImage(str(label_path)))
+    label = sitk.GetArrayFromImage(read_image(label_path))
     if image.ndim != 3:
         raise ValueError(f"{image_path} is {image.ndim}-D with shape {image.shape}; expected a 3-D frame")
     if image.shape != label.shape:

@@ -50,6 +50,7 @@ from tqdm import tqdm
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
+from dataloaders.image_check import read_image  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.geometry import check_geometry, check_single_channel_3d, resize_slices, resized_spacing  # noqa: E402
 
@@ -250,8 +251,8 @@ def write_lines(path, lines):
 
 def load_case(image_path, seg_path):
     """Read and validate one case; return (sitk image, image array, uint8 label array)."""
-    image = sitk.ReadImage(str(image_path))
-    seg = sitk.ReadImage(str(seg_path))
+    image = read_image(image_path)
+    seg = read_image(seg_path)
     check_single_channel_3d(image, image_path)
     check_geometry(image, seg, image_path, seg_path)
     label = check_labels(sitk.GetArrayFromImage(seg), seg_path)

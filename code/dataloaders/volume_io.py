@@ -17,13 +17,16 @@ A recipe is a plain dict (stored in ``dataset.json`` and in every checkpoint tra
   per-slice percentiles, optional CLAHE).
 
 ``slice_axis``: the through-plane axis, in SimpleITK index order (x = 0, y = 1, z = 2);
-``largest_spacing`` picks the axis with the largest voxel spacing, ties going to z, then y.
+``largest_spacing`` picks the axis with the largest voxel spacing (within 0.1 %), ties going to z, then y;
+an axis of one voxel is always the slice axis.
 """
+import math
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from dataloaders.image_check import check_sizes, itk_cause, read_image  # noqa: F401  (read_image: re-exported)
 from dataloaders.preprocess_promise12 import preprocess_arrays
 from utils.geometry import check_shape, resize_slices
 
@@ -33,6 +36,7 @@ AXES = {"x": 0, "y": 1, "z": 2}
 SLICE_AXIS_RULES = ("largest_spacing", "x", "y", "z")
 NORMALIZATIONS = ("percentile_minmax", "minmax", "promise12_slice")
 DEFAULT_PERCENTILES = (0.5, 99.5)
+SPACING_TIE = 1e-3  # spacings within this fraction of the largest count as equal (slice_axis)
 
 
 def image_ending(name):
@@ -41,28 +45,19 @@ def image_ending(name):
     return next((e for e in IMAGE_ENDINGS if lower.endswith(e)), None)
 
 
-def read_image(path):
-    """A SimpleITK image from ``path``; ValueError naming the file when SimpleITK cannot read it."""
+def check_image_header(path):
+    """Read only the header of ``path`` (and its data file's size): ValueError unless a readable 3-D
+    single-channel image whose data are as long as its header says."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        cause = next((line for line in lines if "itk::ERROR" in line or "Unable" in line), lines[-1] if lines else "")
-        raise ValueError(f"{path}: not a readable image ({cause[:200]})") from None
-
-
-def check_image_header(path):
-    """Read only the header of ``path``: ValueError unless a readable 3-D single-channel image."""
+    check_sizes(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-    except RuntimeError:
-        read_image(path)  # raises the one-line error naming the file
-        raise
+    except RuntimeError as err:
+        raise ValueError(f"{path}: not a readable image ({itk_cause(err)})") from None
     check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), path)
 
 
@@ -80,12 +75,28 @@ def check_recipe(recipe):
     return recipe
 
 
-def slice_axis(spacing, rule):
-    """The through-plane axis (SimpleITK index: x 0, y 1, z 2) for ``spacing`` (x, y, z) under ``rule``."""
-    if rule != "largest_spacing":
-        return AXES[rule]
+def slice_axis(spacing, rule, size=None):
+    """The through-plane axis (SimpleITK index: x 0, y 1, z 2) for ``spacing`` (x, y, z) under ``rule``.
+
+    ``largest_spacing``: the axis of largest spacing, where spacings within ``SPACING_TIE`` (relative)
+    of the largest count as equal and ties go to z, then y (so 1 and 1.0000001 mm cut alike). With
+    ``size`` (x, y, z) given, an axis of fewer than 2 voxels is always the slice axis: a slice needs two
+    voxels in each direction. ValueError when no axis fits or a spacing is not positive and finite."""
     spacing = [float(s) for s in spacing]
-    return max(range(3), key=lambda k: (spacing[k], k))
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"voxel spacing {spacing}: expected positive finite sizes")
+    thin = [k for k in range(3) if size is not None and int(size[k]) < 2]
+    if rule != "largest_spacing":
+        if any(k != AXES[rule] for k in thin):
+            raise ValueError(f"slice axis {rule}: the image has {int(size[thin[0]])} voxel(s) along "
+                             f"{'xyz'[thin[0]]}; a slice needs at least 2 in each in-plane direction")
+        return AXES[rule]
+    if len(thin) > 1:
+        raise ValueError(f"size {list(size)}: fewer than 2 voxels along {len(thin)} axes; expected a 3-D volume")
+    if thin:
+        return thin[0]
+    top = max(spacing)
+    return max(k for k in range(3) if spacing[k] >= top * (1 - SPACING_TIE))
 
 
 def to_slices(array, axis):
@@ -112,23 +123,31 @@ def _percentile_minmax_slices(slices, percentiles, size):
     return out
 
 
-def preprocess_image(image, recipe):
+def preprocess_image(image, recipe, path="image"):
     """``(volume, axis)``: the float32 (D, H, W) slice stack the network sees (before its own nearest
-    resize to the network size) for a SimpleITK ``image``, and the slice axis used."""
+    resize to the network size) for a SimpleITK ``image``, and the slice axis used. ValueError naming
+    ``path`` when the normalisation overflows (an intensity range near the float64 limits)."""
     check_recipe(recipe)
-    axis = slice_axis(image.GetSpacing(), recipe["slice_axis"])
+    try:
+        axis = slice_axis(image.GetSpacing(), recipe["slice_axis"], image.GetSize())
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     slices = to_slices(sitk.GetArrayViewFromImage(image), axis)
     method, size = recipe["normalization"], recipe.get("size")
-    if method == "percentile_minmax":
-        return _percentile_minmax_slices(slices, recipe.get("percentiles", DEFAULT_PERCENTILES), size), axis
-    if method == "minmax":
-        volume = np.asarray(slices, dtype=np.float64)
-        lo, hi = volume.min(), volume.max()
-        volume = ((volume - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros(volume.shape, np.float32)
-        return (resize_slices(volume, (size, size), order=1).astype(np.float32) if size else volume), axis
-    # promise12_slice: the PROMISE12 preprocessing itself (resize, per-slice percentiles, CLAHE)
-    volume, _ = preprocess_arrays(np.asarray(slices), np.zeros(slices.shape, np.uint8), size,
-                                  bool(recipe.get("clahe", False)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        if method == "percentile_minmax":
+            volume = _percentile_minmax_slices(slices, recipe.get("percentiles", DEFAULT_PERCENTILES), size)
+        elif method == "minmax":
+            volume = np.asarray(slices, dtype=np.float64)
+            lo, hi = volume.min(), volume.max()
+            volume = ((volume - lo) / (hi - lo)).astype(np.float32) if hi > lo else np.zeros(volume.shape, np.float32)
+            volume = resize_slices(volume, (size, size), order=1).astype(np.float32) if size else volume
+        else:  # promise12_slice: the PROMISE12 preprocessing itself (resize, per-slice percentiles, CLAHE)
+            volume, _ = preprocess_arrays(np.asarray(slices), np.zeros(slices.shape, np.uint8), size,
+                                          bool(recipe.get("clahe", False)))
+    if not np.isfinite(volume).all():
+        raise ValueError(f"{path}: its intensities ({float(slices.min()):g} .. {float(slices.max()):g}) overflow the "
+                         f"normalisation; expected a finite range")
     return volume, axis
 
 
@@ -136,6 +155,18 @@ def preprocess_label(label_array, axis, size):
     """A (z, y, x) label array as the uint8 (D, S, S) stack matching ``preprocess_image``."""
     slices = to_slices(np.asarray(label_array), axis)
     return (resize_slices(slices, (size, size), order=0) if size else np.array(slices)).astype(np.uint8)
+
+
+def blank_reason(image, volume):
+    """Why the preprocessed ``volume`` of ``image`` carries no information, or None: a constant image,
+    or an intensity range that the normalisation maps to one value (equal percentiles)."""
+    if volume.size == 0 or volume.min() != volume.max():
+        return None
+    array = sitk.GetArrayViewFromImage(image)
+    low, high = array.min(), array.max()
+    if low == high:
+        return f"constant image (every voxel {float(low):g})"
+    return "its intensities normalise to one value (equal low and high percentiles)"
 
 
 def geometry_meta(image, axis):

@@ -7,7 +7,12 @@ Stored in every checkpoint as ``config["model_card"]`` (plain values, read with
      "classes": ["background", ...], "num_classes": C, "input_channels": 1,
      "network": {"name": "unet", "in_chns": 1, "class_num": C, "channels": [16, 32, 64, 128, 256]},
      "image_size": S,                  # the network's input size (--image_size)
-     "preprocessing": {...}}           # the recipe of dataloaders.volume_io (normalisation, slice axis, size)
+     "preprocessing": {...},           # the recipe of dataloaders.volume_io (normalisation, slice axis, size)
+     "training_cases": [...],          # every case of train.list and unlabeled.list: the run may have seen them
+     "naming": "nnunet" | "plain"}     # converted data sets: how the training images were named ({case}_0000)
+
+``training_cases`` lets the test scripts refuse to score a case the model trained on; ``naming`` tells
+``predict.py`` whether a ``_0000`` suffix is nnU-Net's channel suffix or part of the case name.
 """
 import json
 from pathlib import Path
@@ -37,12 +42,27 @@ def recipe_and_classes(dataset, root):
     return dict(info["preprocessing"]), list(info["classes"])
 
 
+def training_cases(root):
+    """Every case a run on ``root`` may train on (train.list and unlabeled.list), sorted; None without a root."""
+    if root is None:
+        return None
+    names = set()
+    for name in ("train.list", "unlabeled.list"):
+        path = Path(root) / name
+        if path.is_file():
+            names.update(line.strip() for line in path.read_text().splitlines() if line.strip())
+    return sorted(names)
+
+
 def model_card(dataset, root, num_classes, image_size, in_chns=1):
     """The model card of a run on ``dataset`` (ACDC, PROMISE12 or CUSTOM) rooted at ``root``."""
     recipe, classes = recipe_and_classes(dataset, root)
     if len(classes) != num_classes:  # e.g. --num_classes given for an ACDC-layout folder of another data set
         classes = classes[:1] + [f"class{k}" for k in range(1, num_classes)]
-    return {"format": CARD_FORMAT, "dataset": dataset, "classes": classes, "num_classes": int(num_classes),
+    card = {"format": CARD_FORMAT, "dataset": dataset, "classes": classes, "num_classes": int(num_classes),
             "input_channels": int(in_chns), "network": {"name": "unet", "in_chns": int(in_chns),
                                                         "class_num": int(num_classes), "channels": list(CHANNELS)},
-            "image_size": int(image_size), "preprocessing": recipe}
+            "image_size": int(image_size), "preprocessing": recipe, "training_cases": training_cases(root)}
+    if dataset == "CUSTOM":
+        card["naming"] = "nnunet" if _json(root).get("layout") == "nnunet" else "plain"
+    return card

@@ -86,6 +86,19 @@ def _check_split_not_empty(root, split):
     raise SystemExit(f"--split {split}: {path} is empty: {reason}. Evaluate on --split val, or {remedy}.")
 
 
+def _check_not_trained_on(checkpoint, card, root, split):
+    """ValueError when a case of ``root/<split>.list`` is one the checkpoint's model card lists among
+    its training cases (e.g. a data set converted again with other splits)."""
+    trained = set(card.get("training_cases") or ())
+    path = Path(root) / f"{split}.list"
+    seen = sorted(trained & set(path.read_text().split())) if path.is_file() else []
+    if seen:
+        raise ValueError(f"--split {split}: {', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''} of {path} "
+                         f"{'is a case' if len(seen) == 1 else 'are cases'} {checkpoint} trained on (its model card "
+                         f"lists its training cases); scoring {'it' if len(seen) == 1 else 'them'} would leak: "
+                         f"evaluate on cases it never saw")
+
+
 def run_test(args, class_names, describe_data=None):
     """Evaluate ``args.checkpoint`` on ``args.split``; returns the summary dict (also written).
 
@@ -106,6 +119,7 @@ def run_test(args, class_names, describe_data=None):
     image_size = int(config.get("image_size", 256))
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{args.split}")
     _check_split_not_empty(root, args.split)
+    _check_not_trained_on(args.checkpoint, config.get("model_card") or {}, root, args.split)
     out.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(root, args.split, num_classes)
     present = present_classes(volumes, num_classes)

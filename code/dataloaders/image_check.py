@@ -1,0 +1,513 @@
+"""Damaged image files are refused, never read as zeros.
+
+ITK fills the voxels of a truncated NIfTI file (``.nii`` or ``.nii.gz``) with zeros without an error,
+and it reads a gzip or zlib stream only as far as the voxels go, so the stream's checksum is never
+looked at. Every reader of a user's file in this project goes through ``volume_io.read_image``,
+which calls the two checks here:
+
+- ``check_sizes(path)`` before ITK reads: the header (NIfTI-1/2, MetaImage, NRRD) gives the voxel
+  bytes; a raw data region must hold exactly that many bytes, a zlib region exactly its
+  ``CompressedDataSize``, a gzip stream must end with a length field equal to it. Headers and file
+  sizes only, so ``predict.py`` runs it on every input before its first forward.
+- ``check_voxels(path, image, layout)`` after ITK has read: the checksum that ends the compressed
+  stream (gzip CRC-32, zlib Adler-32) is compared with the one of the voxels ITK returned (a pass over
+  memory, about 5 % of a read). Where ITK's buffer is not the stored bytes (NIfTI intensity scaling,
+  big-endian data) or the stream has several gzip members, the whole stream is decompressed and
+  checked instead.
+
+An uncompressed file carries no checksum: a changed byte inside its voxels, or in a spacing or origin
+written in its header, reads as a valid value and cannot be found (docs/own_data.md).
+"""
+import contextlib
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:  # zlib-ng's CRC-32 and Adler-32 run about 3.5x faster than the C library's (bench/README.md)
+    from zlib_ng import zlib_ng as checksums
+except ImportError:  # the same values, slower
+    checksums = zlib
+
+CHUNK = 1 << 22
+
+
+class DamagedFile(ValueError):
+    """An image file whose header and data disagree, or whose compressed data is damaged."""
+
+
+@dataclass
+class Layout:
+    """Where a file's voxels lie: ``data_path`` from byte ``offset``; ``encoding`` raw, gzip or zlib;
+    ``nbytes`` the voxel bytes once decompressed; ``stored_size`` the compressed length when the header
+    gives it; ``prefix`` the bytes a gzip stream holds before the voxels (the NIfTI header);
+    ``dtype`` the stored element type with its byte order (None when unknown); ``scaled`` when ITK
+    returns other values than the stored ones (NIfTI slope/intercept); ``nifti``: ITK's NIfTI reader
+    turns NaN and infinite voxels into zeros, so they are looked for in the stored data."""
+    data_path: Path
+    offset: int
+    nbytes: int
+    encoding: str
+    stored_size: int = None
+    prefix: int = 0
+    dtype: np.dtype = None
+    scaled: bool = False
+    nifti: bool = False
+    head: bytes = None  # the first decompressed bytes of a gzip stream, when they hold the whole prefix
+    trailer: tuple = None  # (CRC-32, length) at the end of a gzip stream, once read
+
+
+def _fail(path, what):
+    raise DamagedFile(f"{path}: damaged or truncated file ({what})")
+
+
+def _unreadable(path, what):
+    raise DamagedFile(f"{path}: not a readable image ({what})")
+
+
+# ---------------------------------------------------------------- NIfTI
+
+NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+               1280: "u8", 32: "c8", 1792: "c16", 128: None, 2304: None, 1536: None, 2048: None}
+
+
+def _nifti_fields(head, path):
+    """(vox_offset, voxel bytes, element dtype or None, scaled) from the first 540 bytes of a NIfTI file."""
+    if len(head) < 348:
+        _unreadable(path, f"NIfTI header of {len(head)} bytes, expected at least 348")
+    for order in "<>":
+        size = struct.unpack(order + "i", head[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        _unreadable(path, "no NIfTI header size (348 or 540) in its first 4 bytes")
+    if size == 540:
+        if len(head) < 540:
+            _unreadable(path, f"NIfTI-2 header of {len(head)} bytes, expected 540")
+        datatype, bitpix = struct.unpack(order + "hh", head[12:16])
+        dims = struct.unpack(order + "8q", head[16:80])
+        pixdim = struct.unpack(order + "8d", head[104:168])
+        vox_offset = struct.unpack(order + "q", head[168:176])[0]
+        slope, inter = struct.unpack(order + "dd", head[176:192])
+    else:
+        pixdim = struct.unpack(order + "8f", head[76:108])
+        dims = struct.unpack(order + "8h", head[40:56])
+        datatype, bitpix = struct.unpack(order + "hh", head[70:74])
+        vox_offset = struct.unpack(order + "f", head[108:112])[0]
+        vox_offset = int(vox_offset) if math.isfinite(vox_offset) and abs(vox_offset) < 2 ** 62 else -1
+        slope, inter = struct.unpack(order + "ff", head[112:120])
+    if not 1 <= dims[0] <= 7 or any(d < 1 for d in dims[1:dims[0] + 1]):
+        _fail(path, f"NIfTI dimensions {list(dims[:dims[0] + 1]) if 0 <= dims[0] <= 7 else dims[0]}")
+    if bitpix not in (8, 16, 24, 32, 64, 128, 256) or datatype not in NIFTI_TYPES:
+        _fail(path, f"NIfTI datatype {datatype} with {bitpix} bits per voxel")
+    code = NIFTI_TYPES[datatype]
+    if code is not None and np.dtype(code).itemsize * 8 != bitpix:
+        _fail(path, f"NIfTI datatype {datatype} does not have {bitpix} bits per voxel")
+    sizes = pixdim[1:min(dims[0], 3) + 1]
+    if not all(math.isfinite(v) and v != 0 for v in sizes):
+        raise ValueError(f"{path}: voxel size {[float(v) for v in sizes]} in its NIfTI header (pixdim); expected "
+                         f"positive finite sizes (ITK would read 0 or NaN as 1 mm)")
+    if vox_offset < size + 4 and not (size == 348 and vox_offset == 0):
+        _fail(path, f"NIfTI voxel offset {vox_offset}, expected at least {size + 4}")
+    nbytes = int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    scaled = slope not in (0.0, 1.0) or (slope != 0.0 and inter != 0.0)
+    return max(vox_offset, size + 4), nbytes, (None if code is None else np.dtype(order + code)), scaled
+
+
+def _nifti_layout(path, gz):
+    with open(path, "rb") as f:
+        head = f.read(540)
+    if not (gz and head[:2] == b"\x1f\x8b"):  # ITK also reads a '.nii.gz' that is not compressed
+        offset, nbytes, dtype, scaled = _nifti_fields(head, path)
+        return Layout(path, offset, nbytes, "raw", dtype=dtype, scaled=scaled, nifti=True)
+    head = _gunzip_head(path, 1024)
+    offset, nbytes, dtype, scaled = _nifti_fields(head, path)
+    return Layout(path, 0, nbytes, "gzip", prefix=offset, dtype=dtype, scaled=scaled, nifti=True,
+                  head=head if len(head) >= offset else None)
+
+
+def _gunzip_head(path, n):
+    """The first ``n`` decompressed bytes of a gzip file (fewer if the stream is shorter)."""
+    inflater, out = zlib.decompressobj(31), b""
+    try:
+        with open(path, "rb") as f:
+            while len(out) < n:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                out += inflater.decompress(chunk, n - len(out))
+    except zlib.error as err:
+        _unreadable(path, f"gzip stream: {err}")
+    return out
+
+
+def _int(fields, key, path):
+    """The integer header field ``key`` (0 when absent); 'not a readable image' naming it otherwise."""
+    try:
+        return int(fields.get(key, "0") or 0)
+    except ValueError:
+        _unreadable(path, f"header field {key} = {fields[key]!r}, expected an integer")
+
+
+# ---------------------------------------------------------------- MetaImage
+
+MET_TYPES = {"MET_CHAR": "i1", "MET_UCHAR": "u1", "MET_SHORT": "i2", "MET_USHORT": "u2", "MET_INT": "i4",
+             "MET_UINT": "u4", "MET_LONG": "i4", "MET_ULONG": "u4", "MET_LONG_LONG": "i8",
+             "MET_ULONG_LONG": "u8", "MET_FLOAT": "f4", "MET_DOUBLE": "f8"}
+
+
+def _text_header(path, is_end, limit=1 << 16):
+    """(lines, byte offset after the line for which ``is_end(line)`` holds, or None when the file
+    ends first) of a text header."""
+    with open(path, "rb") as f:
+        data = f.read(limit)
+    lines, pos = [], 0
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 and len(data) < limit else end
+        if end < 0:
+            break
+        lines.append(data[pos:end].decode("latin-1").rstrip("\r"))
+        pos = end + 1
+        if is_end(lines[-1]):
+            return lines, pos
+    if len(data) < limit:
+        return lines, None
+    _unreadable(path, f"header does not end within its first {len(data)} bytes")
+
+
+def _metaimage_layout(path):
+    lines, end = _text_header(path, lambda line: line.split("=")[0].strip() == "ElementDataFile")
+    if end is None:
+        _unreadable(path, "MetaImage header without an ElementDataFile line")
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in lines)}
+    try:
+        dims = [int(v) for v in fields["DimSize"].split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        code = MET_TYPES[fields["ElementType"]]
+    except (KeyError, ValueError):
+        _unreadable(path, "MetaImage header without a valid DimSize, ElementType or ElementNumberOfChannels")
+    if not dims or any(d < 1 for d in dims) or channels < 1:
+        _fail(path, f"MetaImage DimSize {dims}")
+    msb = (fields.get("BinaryDataByteOrderMSB") or fields.get("ElementByteOrderMSB") or "False").lower() == "true"
+    nbytes = int(np.prod(dims, dtype=np.int64)) * channels * np.dtype(code).itemsize
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    source = fields["ElementDataFile"]
+    if source == "LOCAL":
+        data_path, offset = path, end
+    elif " " in source or source.upper() == "LIST" or "%" in source:
+        raise ValueError(f"{path}: ElementDataFile {source!r}: only LOCAL or one data file is read")
+    else:
+        data_path, offset = path.parent / source, _int(fields, "HeaderSize", path)
+        if offset < 0:  # -1: the data are the last bytes of the file
+            offset = _size(data_path, path) - nbytes
+    stored = _int(fields, "CompressedDataSize", path) if compressed and "CompressedDataSize" in fields else None
+    return Layout(data_path, offset, nbytes, "zlib" if compressed else "raw", stored_size=stored,
+                  dtype=np.dtype((">" if msb else "<") + code))
+
+
+# ---------------------------------------------------------------- NRRD
+
+NRRD_TYPES = {
+    "i1": ("signed char", "int8", "int8_t"), "u1": ("uchar", "unsigned char", "uint8", "uint8_t"),
+    "i2": ("short", "short int", "signed short", "signed short int", "int16", "int16_t"),
+    "u2": ("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"),
+    "i4": ("int", "signed int", "int32", "int32_t"), "u4": ("uint", "unsigned int", "uint32", "uint32_t"),
+    "i8": ("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64",
+           "int64_t"),
+    "u8": ("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"),
+    "f4": ("float",), "f8": ("double",)}
+NRRD_CODE = {name: code for code, names in NRRD_TYPES.items() for name in names}
+
+
+def _nrrd_layout(path):
+    lines, end = _text_header(path, lambda line: line.strip() == "")
+    if not lines or not lines[0].startswith("NRRD"):
+        _unreadable(path, "no NRRD magic line")
+    fields = {}
+    for line in lines[1:]:
+        if line.startswith("#") or ":=" in line or not line.strip():
+            continue
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.strip()
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        code = NRRD_CODE[fields["type"].lower()]
+    except (KeyError, ValueError):
+        _unreadable(path, "NRRD header without valid sizes or type")
+    if not sizes or any(s < 1 for s in sizes):
+        _fail(path, f"NRRD sizes {sizes}")
+    encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip"}.get(fields.get("encoding", "").lower())
+    if encoding is None:
+        raise ValueError(f"{path}: NRRD encoding {fields.get('encoding')!r}: only raw and gzip are read "
+                         "(damage cannot be checked in the others)")
+    if _int(fields, "byte skip", path) or _int(fields, "line skip", path):
+        raise ValueError(f"{path}: NRRD 'byte skip'/'line skip' are not read")
+    source = fields.get("data file") or fields.get("datafile")
+    if source and (" " in source or source.upper().startswith("LIST")):
+        raise ValueError(f"{path}: NRRD data file {source!r}: only one data file is read")
+    if not source and end is None:
+        _unreadable(path, "NRRD header without the blank line before its data")
+    data_path, offset = (path.parent / source, 0) if source else (path, end)
+    little = fields.get("endian", "little").lower() == "little"
+    nbytes = int(np.prod(sizes, dtype=np.int64)) * np.dtype(code).itemsize
+    return Layout(data_path, offset, nbytes, encoding, dtype=np.dtype(("<" if little else ">") + code))
+
+
+# ---------------------------------------------------------------- checks
+
+def read_image(path):
+    """A SimpleITK image from ``path``, checked whole: ``check_sizes`` before ITK reads and
+    ``check_voxels`` after. FileNotFoundError / ValueError (DamagedFile) naming the file otherwise."""
+    import SimpleITK as sitk
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    lay = check_sizes(path)
+    with held_stderr() as printed:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            image, cause = None, itk_cause(err)
+    if image is None:
+        raise ValueError(f"{path}: not a readable image ({cause})") from None
+    check_voxels(path, image, lay)
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"{path}: voxel spacing {list(spacing)}; expected positive finite sizes")
+    for line in printed["text"].splitlines():  # what ITK printed about a file that passed every check
+        if line.strip():
+            print(f"{path}: ITK says: {line.strip()} (its voxels passed the checks)", file=sys.stderr)
+    return image
+
+
+_HELD = {"file": None}
+
+
+@contextlib.contextmanager
+def held_stderr():
+    """Hold what C code prints to the process's stderr (ITK's readers print there, e.g. MetaIO's
+    "Uncompress failed" for a file it then returns as if whole) in ``out["text"]``, so that a damaged
+    file ends in one line; the caller prints it when the file passed its checks. One temporary file
+    per process is reused (emptied before each use)."""
+    out = {"text": ""}
+    if _HELD["file"] is None:
+        _HELD["file"] = tempfile.TemporaryFile()
+    held = _HELD["file"]
+    held.seek(0)
+    held.truncate()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+        yield out
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        held.seek(0)
+        out["text"] = held.read().decode("utf-8", errors="replace")
+
+
+def itk_cause(err):
+    """What an ITK exception says went wrong, in one line of at most 200 characters: its
+    ``itk::ERROR`` line without the object address, and the innermost cause when that line ends in
+    a colon (NRRD's reader puts the reason last)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = next((line for line in lines if "itk::ERROR" in line or "Unable" in line), lines[-1] if lines else "")
+    first = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", first)
+    if first.endswith(":") and lines and lines[-1] not in first:
+        first = f"{first} {lines[-1]}"
+    return first[:200]
+
+
+def layout(path):
+    """The ``Layout`` of an image file, from its header; DamagedFile / ValueError naming the file."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return _nifti_layout(path, gz=True)
+    if name.endswith(".nii"):
+        return _nifti_layout(path, gz=False)
+    if name.endswith((".mha", ".mhd")):
+        return _metaimage_layout(path)
+    if name.endswith((".nrrd", ".nhdr")):
+        return _nrrd_layout(path)
+    raise ValueError(f"{path}: not a NIfTI, MetaImage or NRRD file")
+
+
+def _size(data_path, header_path):
+    try:
+        return data_path.stat().st_size
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{header_path}: its data file {data_path} does not exist") from None
+
+
+def check_sizes(path):
+    """Compare the voxel bytes the header of ``path`` promises with what its data holds, from the
+    header and the file sizes only. Returns the ``Layout``; DamagedFile naming the file otherwise."""
+    lay = layout(path)
+    available = _size(lay.data_path, path) - lay.offset
+    where = "" if lay.data_path == Path(path) else f" in {lay.data_path.name}"
+    if lay.encoding == "raw" and available != lay.nbytes:
+        _fail(path, f"the header gives {lay.nbytes} bytes of voxel data, found {max(available, 0)}{where}")
+    if lay.encoding == "zlib" and lay.stored_size is not None and available != lay.stored_size:
+        _fail(path, f"the header gives {lay.stored_size} bytes of compressed data, found {max(available, 0)}{where}")
+    if lay.encoding == "gzip":
+        if available < 18:
+            _fail(path, f"gzip stream of {max(available, 0)} bytes{where}")
+        length = _gzip_trailer(lay)[1]
+        if length != (lay.prefix + lay.nbytes) % 2 ** 32:
+            _verify_stream(path, lay)  # several gzip members, or damage: decide on the whole stream
+    return lay
+
+
+def _gzip_trailer(lay):
+    if lay.trailer is None:
+        with open(lay.data_path, "rb") as f:
+            f.seek(-8, 2)
+            lay.trailer = struct.unpack("<II", f.read(8))
+    return lay.trailer
+
+
+def _stored_bytes_of(image, lay):
+    """ITK's voxel buffer as bytes when it equals the stored voxels, else None."""
+    if lay.dtype is None or lay.scaled or lay.dtype.byteorder == (">" if sys.byteorder == "little" else "<"):
+        return None
+    import SimpleITK as sitk
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.newbyteorder("=") != lay.dtype.newbyteorder("=") or array.nbytes != lay.nbytes:
+        return None
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+
+def check_voxels(path, image, lay):
+    """After ITK has read ``image`` from ``path``: the checksum at the end of a compressed stream must
+    be the checksum of the voxels ITK returned (the whole stream is checked where they cannot be
+    compared), and a float file must hold finite voxels, looked for in the stored data where ITK's
+    NIfTI reader would have turned them into zeros. DamagedFile / ValueError naming the file otherwise."""
+    floats = lay.dtype is not None and lay.dtype.kind == "f"
+    if lay.encoding == "raw":
+        if floats and lay.nifti:
+            _refuse_nonfinite(path, _stored_nonfinite(lay))
+        elif _float_image(image):
+            _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)))
+        return
+    voxels = _stored_bytes_of(image, lay)
+    if voxels is not None and lay.encoding == "gzip":
+        prefix = (lay.head if lay.head is not None else _gunzip_head(lay.data_path, lay.prefix))[: lay.prefix]
+        if _gzip_trailer(lay)[0] == checksums.crc32(voxels, checksums.crc32(prefix) if lay.prefix else 0):
+            # ITK's NIfTI reader zeroes NaN: equal to the stored voxels, its buffer has none to look for
+            return _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)) if floats and not lay.nifti else 0)
+    elif voxels is not None and lay.stored_size is not None and lay.stored_size >= 6:
+        with open(lay.data_path, "rb") as f:
+            f.seek(lay.offset + lay.stored_size - 4)
+            if struct.unpack(">I", f.read(4))[0] == checksums.adler32(voxels):
+                return _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)) if floats else 0)
+    _verify_stream(path, lay, voxels)
+    if not lay.nifti and _float_image(image):
+        _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)))
+
+
+def _float_image(image):
+    """Whether a SimpleITK image holds float voxels (SimpleITK is imported only by readers: the
+    training path never loads it)."""
+    import SimpleITK as sitk
+    return image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
+
+
+def _itk_array(image):
+    import SimpleITK as sitk
+    return sitk.GetArrayViewFromImage(image)
+
+
+def _count_nonfinite(array, block=1 << 24):
+    """How many elements of ``array`` are NaN or infinite (in blocks: memory bounded)."""
+    flat, count = array.reshape(-1), 0
+    for k in range(0, flat.size, block):
+        finite = np.isfinite(flat[k:k + block])
+        if not finite.all():
+            count += int(finite.size - np.count_nonzero(finite))
+    return count
+
+
+def _stored_nonfinite(lay, block=1 << 24):
+    """How many of the raw stored voxels of ``lay`` are NaN or infinite, read in blocks of ``block``
+    elements into one reused buffer (ITK's NIfTI reader would have returned them as zeros)."""
+    items, count = lay.nbytes // lay.dtype.itemsize, 0
+    buffer = np.empty(min(items, block), dtype=lay.dtype)
+    with open(lay.data_path, "rb", buffering=0) as f:
+        f.seek(lay.offset)
+        for start in range(0, items, block):
+            part = buffer[: min(block, items - start)]
+            f.readinto(memoryview(part).cast("B"))
+            count += _count_nonfinite(part)
+    return count
+
+
+def _refuse_nonfinite(path, count):
+    if count:
+        raise ValueError(f"{path}: {count} NaN or infinite voxel(s); expected finite intensities")
+
+
+def _verify_stream(path, lay, voxels=None):
+    """Decompress the whole stream (gzip: every member) and check its checksums and length, that a
+    NIfTI float stream holds finite voxels, and, when ``voxels`` (ITK's buffer as stored bytes) is
+    given, that they are the voxels the stream holds."""
+    wbits = 31 if lay.encoding == "gzip" else 15
+    expected = lay.prefix + lay.nbytes
+    floats = lay.nifti and lay.dtype is not None and lay.dtype.kind == "f"
+    state = {"total": 0, "crc": 0, "carry": b"", "nonfinite": 0}
+
+    def take(data):
+        skip = max(0, min(len(data), lay.prefix - state["total"]))
+        state["crc"] = checksums.crc32(data[skip:], state["crc"])
+        state["total"] += len(data)
+        if floats:
+            data = state["carry"] + data[skip:]
+            whole = len(data) - len(data) % lay.dtype.itemsize
+            state["nonfinite"] += _count_nonfinite(np.frombuffer(data[:whole], dtype=lay.dtype))
+            state["carry"] = data[whole:]
+
+    inflater = _inflate(path, lay, wbits, take)
+    total = state["total"]
+    if not inflater.eof and total >= expected:
+        _fail(path, f"the {lay.encoding} stream ends before its end marker and checksum")
+    if not inflater.eof:
+        _fail(path, f"the {lay.encoding} stream ends early, after {total} of {expected} bytes")
+    if total != expected:
+        _fail(path, f"the {lay.encoding} stream holds {total} bytes, the header gives {expected}")
+    _refuse_nonfinite(path, state["nonfinite"])
+    if voxels is not None and checksums.crc32(voxels) != state["crc"]:
+        _fail(path, "ITK returned other voxels than the ones its compressed stream holds")
+
+
+def _inflate(path, lay, wbits, take):
+    """Feed every decompressed piece of the stream to ``take``; returns the last decompressor."""
+    inflater, remaining = zlib.decompressobj(wbits), lay.stored_size
+    try:
+        with open(lay.data_path, "rb") as f:
+            f.seek(lay.offset)
+            while remaining is None or remaining > 0:
+                chunk = f.read(CHUNK if remaining is None else min(CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining = None if remaining is None else remaining - len(chunk)
+                while chunk:
+                    take(inflater.decompress(chunk))
+                    chunk = b""
+                    if inflater.eof:
+                        chunk = inflater.unused_data
+                        if chunk and lay.encoding == "gzip" and chunk.strip(b"\0"):
+                            inflater = zlib.decompressobj(wbits)  # next gzip member
+                        else:
+                            chunk = b""
+    except zlib.error as err:
+        _fail(path, f"{lay.encoding} stream: {err}")
+    return inflater
