@@ -16,11 +16,8 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    run = Run(parse_args(parser, argv), "ACDC")
-    try:
+    with Run(parse_args(parser, argv), "ACDC") as run:
         train_supervised(run)
-    finally:
-        run.close()
 
 
 if __name__ == "__main__":

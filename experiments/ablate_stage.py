@@ -81,7 +81,8 @@ def main(argv=None):
                    "--labeled_bs", "4", "--start_stage", "1", "--init_checkpoint", args.init_checkpoint,
                    "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
                    "--val_interval", str(args.val_interval), "--log_interval", "40", "--base_lr", str(args.base_lr),
-                   "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder), "--resume",
+                   "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder),
+                   *(["--resume"] if (folder / "config.yaml").is_file() else []),  # a run started before
                    *VARIANTS[variant], *extra]
         folder.mkdir(parents=True, exist_ok=True)
         code = run_table.execute(command, folder / "ablation.log", env)

@@ -255,8 +255,13 @@ def test_sscd_start_stage_may_reuse_the_pretraining_folder(synthetic_root, tmp_p
     with pytest.raises(SystemExit, match=r"already holds a run \(best\.pth, stage_2\)"):
         train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *flags,
                               "--start_stage", "2"])
+    with pytest.raises(SystemExit, match=r"--start_stage 2: .*pretrain.* belongs to a run with other settings "
+                                         r"\(--seed 1337 -> 5\)"):  # reused phases of another configuration
+        train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *flags,
+                              "--start_stage", "2", "--overwrite", "--seed", "5"])
+    assert (save / "stage_2" / "best.pth").is_file()  # refused before --overwrite deleted anything
     train_ACDC_SSCD.main(["--root_path", str(synthetic_root), "--save_dir", str(save), *flags,
-                          "--start_stage", "2", "--overwrite", "--seed", "5"])
+                          "--start_stage", "2", "--overwrite"])
     assert (save / "pretrain" / "best.pth").read_bytes() == pre  # the stages before are kept
     assert (save / "stage_1" / "best.pth").is_file() and (save / "stage_2" / "best.pth").is_file()
 

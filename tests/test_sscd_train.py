@@ -59,13 +59,17 @@ def test_every_stage_flag_changes_the_trained_weights(synthetic_root, tmp_path, 
 def test_hca_combine_changes_the_weights_when_heads_are_mixed(synthetic_root, tmp_path, pretrained):
     mixed = ("--hca_weights", ".5,.5,0,0")
     paper = stage_weights(synthetic_root, tmp_path, pretrained, *mixed)
+    again = stage_weights(synthetic_root, tmp_path / "again", pretrained, *mixed)
     code = stage_weights(synthetic_root, tmp_path, pretrained, *mixed, "--hca_combine", "logits")
+    assert torch.equal(paper, again), "the same flags twice must train the same weights"
     assert not torch.equal(paper, code)
 
 
 def test_top_num_changes_the_kl_choice(synthetic_root, tmp_path, pretrained):
     one = stage_weights(synthetic_root, tmp_path, pretrained, "--cgsr_kl_prob", "1", "--top_num", "1")
+    again = stage_weights(synthetic_root, tmp_path / "again", pretrained, "--cgsr_kl_prob", "1", "--top_num", "1")
     many = stage_weights(synthetic_root, tmp_path, pretrained, "--cgsr_kl_prob", "1", "--top_num", "16")
+    assert torch.equal(one, again), "the same flags twice must train the same weights"
     assert not torch.equal(one, many)
 
 
@@ -87,6 +91,7 @@ def pretrain_weights(root, tmp_path, *flags):
 
 def test_every_pretraining_flag_changes_the_weights(synthetic_root, tmp_path):
     base = pretrain_weights(synthetic_root, tmp_path)
+    assert torch.equal(base, pretrain_weights(synthetic_root, tmp_path / "again")), "must be deterministic"
     for flags in (("--sda", "off"), ("--sda_alpha", "0.5"), ("--sda_start", "2"), ("--mix_dice", "region")):
         assert not torch.equal(base, pretrain_weights(synthetic_root, tmp_path, *flags)), f"{flags} had no effect"
 
@@ -215,7 +220,7 @@ def test_interrupted_stage_resumes_exactly(synthetic_root, tmp_path, pretrained,
     """Killed after the iteration-2 checkpoint and resumed: the batches, the boxes and CGSR draws
     continue where they stopped, so every weight equals the uninterrupted run's."""
     flags = ("--start_stage", "1", "--init_checkpoint", str(pretrained), "--hca_weights", "1,0,0,0",
-             "--stage_iterations", "4", "--val_interval", "2", "--resume")
+             "--stage_iterations", "4", "--val_interval", "2")
     train(synthetic_root, tmp_path / "full", *flags)
     original = sscd_train.stage_step
 
@@ -234,7 +239,7 @@ def test_interrupted_stage_resumes_exactly(synthetic_root, tmp_path, pretrained,
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "stage_1" / "last.pth")["iteration"] == 2
     torch.manual_seed(123)  # a fresh process: different RNG until the checkpoint restores it
-    train(synthetic_root, tmp_path / "cut", *flags)
+    train(synthetic_root, tmp_path / "cut", *flags, "--resume")
     assert torch.equal(_all_weights(tmp_path / "cut" / "stage_1" / "last.pth"),
                        _all_weights(tmp_path / "full" / "stage_1" / "last.pth"))
 

@@ -27,13 +27,10 @@ def train_main(dataset, description, argv=None, parser=None):
     parser = parser or sscd_parser(dataset, description)
     args = parse_args(parser, argv, PRESETS)
     stages = check_sscd_args(parser, args)
-    run = Run(args, dataset, run_outputs(args, len(stages)))
-    try:
+    with Run(args, dataset, run_outputs(args, len(stages))) as run:
         final = train_sscd(run, stages)
         if run.rank == 0:
             score, per_class = final_val_metrics(final, args.num_classes)
             classes = ", ".join(f"class {k + 1} {d:.4f}" for k, d in enumerate(per_class))
             run.logger.info(f"final model: {final} (val Dice {score:.4f}: {classes})")
-    finally:
-        run.close()
     return final

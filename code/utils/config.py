@@ -141,6 +141,8 @@ def per_rank_batch(batch_size, labeled_bs, world, scope):
     return batch_size // world, labeled_bs // world
 
 
+# what a run's config.yaml holds besides flags (derived or recorded): ignored when it is given as --config
+DERIVED_KEYS = frozenset({"total_iterations", "world_size", "data_fingerprint", "model_card"})
 # flags that must be > 0 (budgets, sizes, rates); checked before anything is built or written
 POSITIVE_FLAGS = ("image_size", "batch_size", "labeled_bs", "labelnum", "max_iterations", "val_interval",
                   "log_interval", "base_lr")
@@ -188,6 +190,13 @@ def load_config_file(parser, path):
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions}
+    values = {k: v for k, v in values.items() if k not in DERIVED_KEYS}  # a run's saved config.yaml
+    stages = values.get("stage_iterations")
+    if isinstance(stages, list) and stages:  # a saved config.yaml holds the per-stage list it resolved
+        if values.get("max_iterations") is not None:
+            del values["stage_iterations"]  # derived from --max_iterations
+        elif len(set(stages)) == 1:
+            values["stage_iterations"] = stages[0]
     unknown = sorted(str(k) for k in set(values) - set(actions))
     if unknown:
         parser.error(f"--config {path}: unknown keys {unknown}")
@@ -210,9 +219,15 @@ def resolve_save_dir(args):
     return Path(args.save_dir or os.path.join("model", f"{args.exp}_{args.labelnum}_labeled"))
 
 
+def save_config_dict(config, folder):
+    """Write a run's resolved flags (and recorded facts) to ``folder/config.yaml``, atomically."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    tmp = Path(folder) / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != "model_card"}, sort_keys=True))
+    os.replace(tmp, Path(folder) / "config.yaml")
+    return config
+
+
 def save_config(args, folder):
     """Write the resolved flags to ``folder/config.yaml`` and return them as a dict."""
-    config = {k: v for k, v in vars(args).items()}
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=True))
-    return config
+    return save_config_dict(dict(vars(args)), folder)

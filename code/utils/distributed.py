@@ -79,6 +79,18 @@ def raise_if_main_failed(error):
         raise error
 
 
+def is_peer_failure(err):
+    """Whether ``err`` is a collective's failure because another rank is gone (its process ended:
+    the connection closed) rather than an error of this rank's own; rank 0's own failures reach the
+    others as ``MainRankFailed``, which is not one."""
+    if isinstance(err, MainRankFailed):
+        return False
+    text = str(err)
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "NCCL communicator was aborted", "gloo")))
+
+
 def gather_to_main(obj):
     """``[obj of rank 0, obj of rank 1, ...]`` on rank 0, None on the others (collective); ``[obj]``
     in a single process."""

@@ -16,6 +16,7 @@ checkpoints exist for whatever the caller loads next.
 """
 import json
 import logging
+import logging.handlers
 import random
 import sys
 import time
@@ -91,22 +92,39 @@ def summary_writer(folder, logger=None):
     return NullWriter()
 
 
-def get_logger(save_dir, name, quiet=False):
+def get_logger(save_dir, name, quiet=False, hold_file=False):
     """A logger writing to ``save_dir/log.txt`` and stdout (handlers replaced, never duplicated);
-    ``quiet`` (the ranks other than 0): warnings only, to stdout only."""
+    ``quiet`` (the ranks other than 0): warnings only, to stdout only. ``hold_file``: what is logged
+    goes to stdout now and into log.txt when ``open_log_file`` is called (after a start's checks, so a
+    refused start leaves an earlier run's log.txt as it was)."""
     logger = logging.getLogger(f"sscd.{name}.{Path(save_dir).resolve()}.{'quiet' if quiet else 'main'}")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logger(logger)
     fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)] if quiet else [logging.FileHandler(Path(save_dir) / "log.txt"),
-                                                                 logging.StreamHandler(sys.stdout)]
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if not quiet:
+        handlers.append(logging.handlers.MemoryHandler(1 << 20, flushLevel=logging.CRITICAL + 1) if hold_file
+                        else logging.FileHandler(Path(save_dir) / "log.txt"))
     for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+def open_log_file(logger, save_dir):
+    """Start writing ``logger``'s records to ``save_dir/log.txt``, beginning with those it held."""
+    held = [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]
+    if not held and any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        return
+    file_handler = logging.FileHandler(Path(save_dir) / "log.txt")
+    file_handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+    for handler in held:
+        handler.setTarget(file_handler)
+        handler.flush()
+        logger.removeHandler(handler)
+        handler.close()
+    logger.addHandler(file_handler)
 
 
 def close_logger(logger):
@@ -250,8 +268,13 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
         _restore_resumables(state, resumables, last_path, name, logger)
         if logger:
             logger.info(f"[{name}] resumed from {last_path} at iteration {start} (best val Dice {best[0]:.4f})")
-        if state.get("finished"):
+        if state.get("finished") and iterations <= start:
+            if iterations < start:
+                raise SystemExit(f"--resume: [{name}] {last_path} finished at iteration {start}; a budget of "
+                                 f"{iterations} would end it earlier: give at least {start}, or start a new run")
             return state
+        if state.get("finished") and logger:
+            logger.info(f"[{name}] extending the finished run from {start} to {iterations} iterations")
         validate_start = False  # the restored run has validated its start already
     writer = summary_writer(save_dir / "tb", logger) if main_rank else None
     saver = _ValidateAndSave(save_dir=save_dir, name=name, iterations=iterations, offset=offset, models=models,

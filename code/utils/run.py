@@ -4,10 +4,8 @@ format, compilation, multi-process training; see bench/README.md), and the super
 (labeled-only) training step."""
 import contextlib
 import json
-import shutil
+import time
 from pathlib import Path
-
-import yaml
 
 import torch
 import torch._dynamo.exc
@@ -18,14 +16,16 @@ from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
 from utils import distributed, speed
-from utils.config import per_rank_batch, resolve_save_dir, save_config
+from utils.config import per_rank_batch, resolve_save_dir, save_config_dict
 from utils.checkpoint import os_cause, remove_stale_temporaries
 from utils.curves import VAL_HISTORY
 from utils.device import apply_backend_flags, backend_flags, resolve_deterministic
-from utils.engine import ScalerState, close_logger, get_logger, seed_everything, train_loop
+from utils.engine import ScalerState, close_logger, get_logger, open_log_file, seed_everything, train_loop
 from utils.evaluation import Validator
 from utils.losses import ce_dice_loss
 from utils.model_card import model_card
+from utils.run_folder import (RESUME_MAY_CHANGE, REUSE_MAY_CHANGE, RunLock, check_phases_in_order,
+                              check_same_run, data_fingerprint, remove_outputs)
 
 SYNTHETIC_ROOT = Path("data") / "synthetic_ACDC"
 SYNTHETIC_PATIENTS = 20
@@ -111,92 +111,78 @@ class Forward:
 RUN_RECORDS = ("config.yaml", "log.txt")
 # what the supervised trainer writes in --save_dir
 SUPERVISED_OUTPUTS = ("best.pth", "last.pth", "tb", VAL_HISTORY) + RUN_RECORDS
-# flags a resumed run may change: where and how fast it runs, how often it logs and validates, and
-# the supervised trainer's --max_iterations (a constant-lr run may be extended; the SSCD trainer's
-# budget is compared through the per-stage iterations it resolves to)
-# speed flags included: a run resumed on another machine may resolve --amp auto to another precision
-RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "config", "device", "num_workers", "log_interval",
-                               "val_interval", "compile", "lcc", "amp", "channels_last", "max_iterations",
-                               "deterministic"})
 
 
-def saved_run_config(save_dir):
-    """The resolved flags of the run in ``save_dir`` (its config.yaml), or None."""
-    path = Path(save_dir) / "config.yaml"
-    if not path.is_file():
-        return None
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SystemExit(f"{path}: not readable YAML ({str(err).splitlines()[0]}); cannot check what --resume "
-                         f"continues") from None
-    return saved if isinstance(saved, dict) else None
+def plan_claim(save_dir, config, outputs, args, logger=None):
+    """What this start may do in ``save_dir`` before anything there changes; returns the outputs
+    (relative paths) that ``--overwrite`` will delete once every check has passed.
 
-
-def config_changes(saved, current, may_change=RESUME_MAY_CHANGE):
-    """``[(flag, saved value, current value)]`` for every flag outside ``may_change`` whose value
-    differs (flags the saved run did not have are new in this code version and not compared)."""
-    return [(k, saved[k], current.get(k)) for k in sorted(saved)
-            if k not in may_change and k in current and saved[k] != current[k]]
-
-
-def claim_save_dir(save_dir, config, outputs, resume, overwrite, main=True):
-    """Check that this command may write ``outputs`` (relative paths) into ``save_dir``:
-
-    * with ``resume``: the run's saved config.yaml must agree with ``config`` except for the flags
-      in ``RESUME_MAY_CHANGE``; otherwise SystemExit naming the changed flags;
-    * without it: if any output other than the ``RUN_RECORDS`` already exists, SystemExit, unless
-      ``overwrite``, which deletes every existing output (records included), so runs never mix.
-
-    Returns the outputs deleted.
+    * ``--resume``: the folder must hold a run, its config.yaml and every checkpoint in it must be of
+      this run (``run_folder.check_same_run``) and its phases complete up to the last one started;
+    * otherwise an output other than the ``RUN_RECORDS`` that exists is refused unless ``--overwrite``;
+      earlier phases this start reuses (``--start_stage``) must be of this run too.
     """
     save_dir = Path(save_dir)
-    if resume:
-        saved = saved_run_config(save_dir)
-        changes = config_changes(saved, config) if saved is not None else []
-        if changes:
-            text = ", ".join(f"--{k} {old!r} -> {new!r}" for k, old, new in changes)
-            raise SystemExit(f"--resume: the run in {save_dir} was started with other settings ({text}); "
-                             f"resume with the same flags (only {', '.join(sorted(RESUME_MAY_CHANGE - {'resume', 'overwrite', 'config'}))} "
-                             f"may change), or start a new run with another --save_dir or --overwrite")
+    phases = [o for o in outputs if o not in RUN_RECORDS and "." not in o]  # pretrain, stage_k folders
+    if args.resume:
+        if not check_same_run(save_dir, config, logger=logger):
+            raise SystemExit(f"--resume: {save_dir} holds no run to resume (no config.yaml, no checkpoint); check "
+                             f"--save_dir, or start the run without --resume")
+        check_phases_in_order(save_dir, phases)
         return []
     existing = [name for name in outputs if (save_dir / name).exists()]
     results = [name for name in existing if name not in RUN_RECORDS]
-    if not results:
-        return []
-    if not overwrite:
+    reused = [p.name for p in sorted(save_dir.iterdir()) if p.is_dir() and p.name not in outputs
+              and any(p.glob("*.pth"))] if save_dir.is_dir() else []
+    if reused:
+        check_same_run(save_dir, config, names=reused, may_change=RESUME_MAY_CHANGE | REUSE_MAY_CHANGE,
+                       what=f"--start_stage {getattr(args, 'start_stage', 0)}", logger=logger)
+    if results and not args.overwrite:
         raise SystemExit(f"--save_dir {save_dir} already holds a run ({', '.join(results)}): pass --resume to "
                          f"continue it, --overwrite to replace it, or choose another --save_dir")
-    if main:
-        for name in existing:
-            path = save_dir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return existing
+    return existing if results else []
 
 
 class Run:
-    """Everything a trainer needs besides its own modules: args, root, save_dir, device, logger, config."""
+    """Everything a trainer needs besides its own modules: args, root, save_dir, device, logger,
+    config, and its training and validation data (built before anything in --save_dir changes)."""
 
     def __init__(self, args, dataset, outputs=SUPERVISED_OUTPUTS):
         """``outputs``: what this command writes in --save_dir (files and folders, relative); if one
         of them already holds checkpoints the folder is refused unless --resume or --overwrite."""
         if dataset not in LABEL_TABLES:
             raise ValueError(f"unknown dataset {dataset!r}")
-        self.args, self.dataset = args, dataset
+        self.args, self.dataset, self.lock = args, dataset, None
         self.device = distributed.setup(args.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self._open_folder()
+        try:
+            self._find_data()
+            removed = self._check_everything(outputs)
+            self._start_writing(removed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_folder(self):
+        """Create --save_dir, lock it (rank 0) and log to stdout; log.txt is written once every check
+        has passed (``_start_writing``)."""
         main = self.rank == 0
-        self.save_dir = resolve_save_dir(args)
+        self.save_dir = resolve_save_dir(self.args)
         try:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-            self.logger = get_logger(self.save_dir, args.exp, quiet=not main)
+            self.lock = RunLock(self.save_dir) if main else None
         except OSError as err:
             raise SystemExit(f"--save_dir {self.save_dir}: cannot write there ({os_cause(err)})") from None
+        self.logger = get_logger(self.save_dir, self.args.exp, quiet=not main, hold_file=True)
+
+    def _find_data(self):
+        """The data root (or the synthetic default), its preprocessing, the resolved speed flags."""
+        args, main = self.args, self.rank == 0
         self.synthetic = args.root_path is None
         if self.synthetic:
-            if dataset != "ACDC":
-                self.close()
-                raise SystemExit(f"--root_path is required for {dataset} (see README: preprocessing)")
+            if self.dataset != "ACDC":
+                raise SystemExit(f"--root_path is required for {self.dataset} (see README: preprocessing)")
             if main:
                 make_synthetic_acdc(SYNTHETIC_ROOT, n_patients=SYNTHETIC_PATIENTS)
             distributed.barrier()  # the other ranks read what rank 0 wrote
@@ -209,32 +195,43 @@ class Run:
         resolve_speed_flags(args, self.device)
         self.amp_dtype, self.channels_last = AMP_DTYPES[args.amp], args.channels_last == "on"
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
-        try:  # every check passes before anything of an earlier run is changed
-            removed = claim_save_dir(self.save_dir, vars(args), outputs, args.resume, args.overwrite, main)
-        except SystemExit:
-            self.close()
-            raise
+
+    def _check_everything(self, outputs):
+        """Every check of this start, the run folder's and the data's, before anything there changes;
+        returns what --overwrite will delete."""
+        args = self.args
+        self.config = {**vars(args), "world_size": self.world_size, "data_fingerprint": data_fingerprint(self.root)}
+        removed = plan_claim(self.save_dir, self.config, outputs, args, self.logger)
+        self._split_batch()
+        self._data, self._volumes = self._build_train_data(), load_volumes(self.root, "val", args.num_classes)
+        distributed.barrier()  # every rank has checked its data before rank 0 deletes anything
+        return removed
+
+    def _start_writing(self, removed):
+        """Delete what --overwrite replaces, write config.yaml, open log.txt, seed the run."""
+        args, main = self.args, self.rank == 0
+        if main and removed:
+            remove_outputs(self.save_dir, removed)
         distributed.barrier()
-        if removed:
-            self.logger = get_logger(self.save_dir, args.exp, quiet=not main)  # log.txt may have been removed
-            self.logger.info(f"--overwrite: removed {', '.join(removed)} from {self.save_dir}")
         stale = remove_stale_temporaries(self.save_dir) if main else []
+        if main:
+            try:
+                save_config_dict(self.config, self.save_dir)
+                open_log_file(self.logger, self.save_dir)
+            except OSError as err:
+                raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
+        if removed:
+            self.logger.info(f"--overwrite: removed {', '.join(removed)} from {self.save_dir}")
         if stale:
             self.logger.warning(f"removed temporary files of an interrupted checkpoint write in {self.save_dir}: "
                                 f"{', '.join(stale)}")
         seed_everything(self.seed(args.seed))
         self.backend_flags = backend_flags(args.deterministic, args.amp, self.device)
         apply_backend_flags(self.backend_flags)
-        try:
-            self.config = save_config(args, self.save_dir) if main else vars(args).copy()
-        except OSError as err:
-            self.close()
-            raise SystemExit(f"--save_dir {self.save_dir}: cannot write config.yaml ({os_cause(err)})") from None
         # what predict.py needs (classes, preprocessing, network): in every checkpoint, not in config.yaml
-        self.config["model_card"] = model_card(dataset if not self.synthetic else "ACDC", self.root,
+        self.config["model_card"] = model_card(self.dataset if not self.synthetic else "ACDC", self.root,
                                                args.num_classes, args.image_size)
         self.logger.info(f"save_dir: {self.save_dir}" + (f" ({self.world_size} ranks)" if self.world_size > 1 else ""))
-        self._split_batch()
         self.logger.info(f"device {self.device}, --amp {args.amp}, --channels_last {args.channels_last}, --lcc {args.lcc}"
                          + (f" ({speed.cpu_model()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
                             f"oneDNN cap {speed.onednn_isa_cap() or 'none'}, torch threads {torch.get_num_threads()}: "
@@ -258,7 +255,6 @@ class Run:
         preprocessed at another size than --image_size (they would be resized again, nearest neighbour)."""
         command = PREPROCESS_COMMANDS.get(self.dataset)
         if command and not (self.root / "train_slices.list").is_file():
-            self.close()
             raise SystemExit(f"--root_path {self.root}: no train_slices.list; convert the {self.dataset} files "
                              f"first: " + command.format(root=self.root, size=self.args.image_size))
         info = self.root / "dataset.json"
@@ -268,7 +264,7 @@ class Run:
                 self.logger.warning(f"{info}: slices were preprocessed at {size}x{size}, --image_size is "
                                     f"{self.args.image_size}: they are resized again (nearest neighbour)")
 
-    def train_data(self):
+    def _build_train_data(self):
         a = self.args
         table = None if self.synthetic else LABEL_TABLES[self.dataset]
         if self.dataset == "CUSTOM":  # converted data: unlabeled cases have no label on disk
@@ -281,8 +277,12 @@ class Run:
                                 f"losses never see them")
         return data
 
+    def train_data(self):
+        """The training slices (built and checked when the run started)."""
+        return self._data
+
     def val_volumes(self):
-        return load_volumes(self.root, "val", self.args.num_classes)
+        return self._volumes
 
     def seed(self, base):
         """This rank's seed for ``base`` (``base`` itself in a single process)."""
@@ -342,8 +342,44 @@ class Run:
         forward = self.forward(model, compile=False)
         return lambda: validator(forward)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        """Close the run; when it stops on an error, every rank writes one line saying why into
+        log.txt, and a rank stopped only because another failed ends with one line, not a traceback."""
+        try:
+            if err is not None:
+                replacement = self.record_stop(err)
+                if replacement is not None:
+                    raise replacement from None
+        finally:
+            self.close()
+        return False
+
+    def record_stop(self, err):
+        """Append ``rank r: stopped by <error>`` to log.txt; returns the SystemExit that replaces a
+        collective error caused by another rank's failure (None otherwise)."""
+        text = str(err.code if isinstance(err, SystemExit) else err).strip().splitlines()
+        cause = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+        replacement = None
+        if self.world_size > 1 and distributed.is_peer_failure(err):
+            cause = "another rank failed (its line is in log.txt)"
+            replacement = SystemExit(f"rank {self.rank}: stopped because another rank failed; "
+                                     f"{self.save_dir / 'log.txt'} names its error")
+        try:
+            with open(self.save_dir / "log.txt", "a") as log:
+                log.write(f"[{time.strftime('%H:%M:%S')}] rank {self.rank}: stopped by {cause}\n")
+        except OSError:
+            pass  # the error itself may be the unwritable folder
+        return replacement
+
     def close(self):
-        close_logger(self.logger)
+        if getattr(self, "logger", None) is not None:
+            close_logger(self.logger)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
         distributed.teardown()
 
 
