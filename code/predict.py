@@ -130,9 +130,17 @@ def input_paths(source):
                  and not p.name.lower().endswith(IGNORED_SUFFIXES)]
     else:
         raise FileNotFoundError(f"-i {source}: no such file or folder")
+    if source.is_dir():
+        odd = [p for p in sorted(source.iterdir()) if not p.name.startswith(".") and image_ending(p.name)
+               and not p.is_file()]
+        if odd:
+            raise ValueError(f"{odd[0]}: named like an image but not a readable file")
     for path in paths:
-        if image_ending(path.name) is None:
+        ending = image_ending(path.name)
+        if ending is None:
             raise ValueError(f"{path}: not an image file predict.py reads (expected .nii.gz, .nii, .mha, .mhd, .nrrd)")
+        if path.name[: -len(ending)] in ("", CHANNEL):
+            raise ValueError(f"{path}: no case name before {path.name}; expected {{case}}{ending}")
     if not paths:
         raise ValueError(f"-i {source}: no image files (expected .nii.gz, .nii, .mha, .mhd or .nrrd)")
     return paths
@@ -254,14 +262,27 @@ def is_done(out, name, save_probabilities, record, fingerprint, settings):
 
 
 def record_run(out, args, card, settings, names):
-    """Write ``out/predict.json`` (atomically) with this run's settings, marked running; refuse
-    (FileExistsError) an ``out`` whose recorded run used other settings or another checkpoint content,
-    or that holds label maps no run recorded, unless ``--overwrite`` (which also forgets every earlier
-    case record), so that one folder never mixes two models' or two pipelines' label maps."""
+    """Write ``out/predict.json`` (atomically) with this run's settings, marked running. Refused
+    (FileExistsError) unless ``--overwrite``: an ``out`` whose label maps come from a run of other
+    settings or another checkpoint content, or that holds a label map of these cases that no run
+    recorded. ``--overwrite`` deletes these cases' label maps and every case record first, so a run
+    killed half-way leaves no earlier model's map that a rerun would keep."""
     path, cases = out / "predict.json", out / CASES_FILE
-    if not args.overwrite:
-        before = None
-        if path.is_file():
+    records = read_case_records(out)
+    present = [n for n in names if (out / n).exists()]
+    if args.overwrite:
+        for name in present:
+            (out / name).unlink()
+            npz = out / f"{name[: -len(image_ending(name))]}.npz"
+            npz.unlink(missing_ok=True)
+        cases.unlink(missing_ok=True)
+    else:
+        unrecorded = [n for n in present if n not in records]
+        if unrecorded:
+            raise FileExistsError(f"-o {out}: holds {len(unrecorded)} label map(s) that no predict.py run recorded "
+                                  f"({', '.join(unrecorded[:3])}{', ...' if len(unrecorded) > 3 else ''}); give "
+                                  f"--overwrite to predict them again, or another -o")
+        if path.is_file() and (records or present):
             try:
                 before = json.loads(path.read_text())
             except ValueError:
@@ -271,13 +292,6 @@ def record_run(out, args, card, settings, names):
             if changed:
                 raise FileExistsError(f"-o {out}: holds label maps of another run ({'; '.join(changed)}); give "
                                       f"--overwrite to predict every case again, or another -o")
-        unrecorded = [n for n in names if (out / n).exists() and n not in read_case_records(out)]
-        if before is None and unrecorded:
-            raise FileExistsError(f"-o {out}: holds {len(unrecorded)} label map(s) that no predict.py run recorded "
-                                  f"({', '.join(unrecorded[:3])}{', ...' if len(unrecorded) > 3 else ''}); give "
-                                  f"--overwrite to predict them again, or another -o")
-    elif cases.exists():
-        cases.unlink()  # the records of the replaced run
     write_json_atomic(path, {**settings, "state": "running", "model_card": card})
 
 
@@ -321,9 +335,14 @@ def prepare_output(out, source):
         raise ValueError(f"-o {out}: is the folder of the input images; expected another folder (label maps "
                          f"there would be taken for inputs, or replace them with --overwrite)")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{TEMP_PREFIX}*"):
-        stale.unlink()
     return out
+
+
+def remove_temporaries(out, names):
+    """Delete the temporary files an interrupted run of these cases left in ``out`` (only its own names)."""
+    stems = [n[: -len(image_ending(n))] for n in names]
+    for name in ["predict.json", *names, *(f"{stem}.npz" for stem in stems)]:
+        (out / f"{TEMP_PREFIX}{name}").unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -337,8 +356,9 @@ def main(argv=None):
         check_image_header(path)  # every input, before the first forward
     model = Network(model, args.amp, args.channels_last).eval()
     out = prepare_output(args.output, args.input)
-    settings = run_settings(args, card)
-    record_run(out, args, card, settings, [output_name(case, ending) for case, _, ending in cases])
+    settings, names = run_settings(args, card), [output_name(case, ending) for case, _, ending in cases]
+    remove_temporaries(out, names)
+    record_run(out, args, card, settings, names)
     records = read_case_records(out)
     written, skipped = 0, 0
     for case, path, ending in tqdm(cases, desc="predict", unit="case", disable=None):
@@ -348,8 +368,8 @@ def main(argv=None):
             continue
         image = read_image(path)
         label, probs, axis = predict_case(model, card, image, args, path)
-        write_case(out, name, label, probs, image, axis)
-        record_case(out, name, fingerprint, settings, probs is not None)
+        record_case(out, name, fingerprint, settings, probs is not None)  # first: a kill between the two
+        write_case(out, name, label, probs, image, axis)  # leaves a record without a map, redone next time
         written += 1
     write_json_atomic(out / "predict.json", {**settings, "state": "complete", "model_card": card})
     print(f"predicted {written} case(s), skipped {skipped} already in {out} (--overwrite predicts them again)"

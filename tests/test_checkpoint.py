@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from networks.unet import build_model
+from utils import checkpoint as checkpoint_module
 from utils.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -43,19 +44,18 @@ def test_overwrite_leaves_no_temp_files(tmp_path):
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+    """The disk fills while the bytes are written: the error names the file, the previous checkpoint
+    is intact and no temporary file is left (a plain ``open(path, "wb")`` write fails all three)."""
     path = tmp_path / "last.pth"
     save_checkpoint(small_state(1.0), path)
     before = path.read_bytes()
-    real_save = torch.save
 
-    def broken_save(obj, f, *args, **kwargs):
-        real_save(obj, f, *args, **kwargs)  # a complete payload reaches the temp file ...
-        f.seek(0)
-        f.write(b"half-written garbage")
-        raise OSError("disk full")  # ... and then the write fails midway
+    def disk_full(f, data):
+        f.write(bytes(data[: len(data) // 2]))  # half of the payload reaches the file ...
+        raise OSError(28, "No space left on device")  # ... then the disk is full
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(checkpoint_module, "write_bytes", disk_full)
+    with pytest.raises(CheckpointError, match=r"last\.pth: cannot write the checkpoint \(no space left on device\)"):
         save_checkpoint(small_state(9.0), path)
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -64,11 +64,11 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
 
 
 def test_interrupted_first_write_leaves_nothing(tmp_path, monkeypatch):
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"PK\x03\x04partial")
-        raise KeyboardInterrupt
+    def killed(f, data):
+        f.write(bytes(data[:100]))
+        raise KeyboardInterrupt  # the process is stopped mid-write
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint_module, "write_bytes", killed)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(small_state(), tmp_path / "best.pth")
     assert os.listdir(tmp_path) == []

@@ -322,3 +322,83 @@ def test_the_fast_checksums_equal_zlibs():
     assert image_check.checksums.crc32(data) == zlib.crc32(data)
     assert image_check.checksums.crc32(data[50:], image_check.checksums.crc32(data[:50])) == zlib.crc32(data)
     assert image_check.checksums.adler32(data) == zlib.adler32(data)
+
+
+# ------------------------------------------------------------------ found by an attack on the readers (review)
+
+def edited(path, old, new):
+    path.write_bytes(path.read_bytes().replace(old, new, 1))
+    return path
+
+
+def packed(data, *fields):
+    """``data`` with each ``(offset, struct format, values)`` of ``fields`` written over it."""
+    data = bytearray(data)
+    for offset, fmt, values in fields:
+        data[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, *values)
+    return bytes(data)
+
+
+def test_header_fields_that_would_misplace_or_miscount_the_voxels_are_refused(tmp_path):
+    image = phantom(SHAPE, seed=30)[0]
+    nii = write(image, tmp_path / "v.nii", False)
+    nii.write_bytes(packed(nii.read_bytes(), (108, "<f", [0.0])))  # vox_offset 0: ITK reads 4 bytes early
+    with pytest.raises(ValueError, match=r"v\.nii: damaged or truncated file \(NIfTI voxel offset 0, expected at "
+                                         r"least 352\)"):
+        read_image(nii)
+    mha = edited(write(image, tmp_path / "h.mha", False), b"ElementDataFile", b"HeaderSize = 100\nElementDataFile")
+    with pytest.raises(ValueError, match=r"h\.mha: HeaderSize with LOCAL \(embedded\) data is not read"):
+        read_image(mha)
+    extra = edited(write(image, tmp_path / "d.mha", True), b"DimSize = 24 20 4", b"DimSize = 24 20 2 2")
+    with pytest.raises(ValueError, match=r"d\.mha: damaged or truncated file \(MetaImage DimSize \[24, 20, 2, 2\] for "
+                                         r"NDims '3'\)"):
+        read_image(extra)
+    text = edited(write(image, tmp_path / "t.mha", False), b"BinaryData = True", b"BinaryData = False")
+    with pytest.raises(ValueError, match=r"t\.mha: MetaImage BinaryData = False \(voxels as text\) is not read"):
+        read_image(text)
+    huge = tmp_path / "big.nrrd"
+    huge.write_bytes(b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 99999999999999999999 1 1\nencoding: raw\n\n")
+    with pytest.raises(ValueError, match=r"big\.nrrd: not a readable image \(dimensions .*: more voxels than any "):
+        read_image(huge)
+
+
+def test_an_intensity_scaling_that_overflows_is_refused_compressed_or_not(tmp_path):
+    image = phantom(SHAPE, seed=31)[0]
+    raw = packed(write(image, tmp_path / "p.nii", False).read_bytes(), (112, "<f", [1e36]))  # scl_slope overflows
+    for path, data in ((tmp_path / "s.nii", raw), (tmp_path / "s.nii.gz", gzip.compress(raw))):
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{path.name}: \d+ NaN or infinite voxel\(s\)"):
+            read_image(path)
+
+
+def test_non_finite_geometry_is_refused_in_every_format(tmp_path):
+    image = phantom(SHAPE, seed=32)[0]
+    nii = write(image, tmp_path / "o.nii", False)
+    nii.write_bytes(packed(nii.read_bytes(), (252, "<hh", [0, 1]),  # qform_code 0, sform_code 1: the sform rules
+                           (280, "<12f", [0.8, 0, 0, float("nan"), 0, 0.8, 0, 0, 0, 0, 3, 0])))  # a NaN offset
+    with pytest.raises(ValueError, match=r"o\.nii: origin \[nan, .*expected finite values"):
+        read_image(nii)
+    nrrd = tmp_path / "n.nrrd"
+    nrrd.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 24 20 4\nspacings: NaN 0.8 3\nendian: little\n"
+                     b"encoding: raw\n\n" + image.astype("<i2").tobytes())
+    with pytest.raises(ValueError, match=r"n\.nrrd: NRRD spacings 'NaN 0\.8 3': expected positive finite voxel "):
+        read_image(nrrd)
+    from utils.geometry import check_geometry
+    a, b = sitk.GetImageFromArray(image), sitk.GetImageFromArray(image)
+    b.SetOrigin((float("nan"), 0.0, 0.0))
+    with pytest.raises(ValueError, match="origin"):
+        check_geometry(a, b, "image", "label")  # NaN never agrees
+
+
+def test_valid_files_the_first_checks_misread(tmp_path):
+    """A gzip whose first member is smaller than the NIfTI header; a data path errors name the header."""
+    plain = write(phantom(SHAPE, seed=33)[0], tmp_path / "p.nii", False)
+    data = plain.read_bytes()
+    split = tmp_path / "split.nii.gz"
+    split.write_bytes(gzip.compress(data[:100]) + gzip.compress(b"") + gzip.compress(data[100:]))
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(split)), sitk.GetArrayFromImage(read_image(plain)))
+    mhd = write(phantom(SHAPE, seed=33)[0], tmp_path / "h.mhd", False)
+    (tmp_path / "h.raw").unlink()
+    (tmp_path / "h.raw").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"h\.mhd: its data file .*h\.raw is not a file"):
+        read_image(mhd)

@@ -228,11 +228,13 @@ def test_predict_resumes_skips_finished_and_writes_probabilities(dataset, tmp_pa
     probs = np.load(out / "new_00.npz")["probabilities"]
     assert probs.shape == (3, *label.shape) and np.allclose(probs.sum(axis=0), 1, atol=1e-5)
     assert np.array_equal(probs.argmax(axis=0), label)
-    (out / ".partial-new_01.nii.gz").write_bytes(b"half")  # an interrupted write
+    (out / ".partial-new_00.nii.gz").write_bytes(b"half")  # an interrupted write
+    (out / ".partial-notes.txt").write_text("a user's file")  # not predict's: kept
     stamp = (out / "new_00.nii.gz").stat().st_mtime_ns
     predict.main(args)
     assert "skipped 1 already in" in capsys.readouterr().out
-    assert (out / "new_00.nii.gz").stat().st_mtime_ns == stamp and not (out / ".partial-new_01.nii.gz").exists()
+    assert (out / "new_00.nii.gz").stat().st_mtime_ns == stamp and not (out / ".partial-new_00.nii.gz").exists()
+    assert (out / ".partial-notes.txt").read_text() == "a user's file"
     (out / "new_00.npz").unlink()
     predict.main(args + ["--save_probabilities"])  # a finished case without the asked-for probabilities is redone
     assert np.array_equal(np.load(out / "new_00.npz")["probabilities"], probs)
@@ -241,9 +243,49 @@ def test_predict_resumes_skips_finished_and_writes_probabilities(dataset, tmp_pa
     predict.main(args + ["--overwrite", "--amp", "bf16", "--channels_last", "on"])
     fast = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "new_00.nii.gz")))
     assert (fast == label).mean() > 0.95  # bf16 may move a few voxels, not the segmentation
-    predict.main(args + ["--overwrite", "--tta", "flip", "--lcc"])
+    predict.main(args + ["--overwrite", "--tta", "flip", "--lcc", "--save_probabilities"])
     flipped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "new_00.nii.gz")))
-    assert flipped.shape == label.shape and set(np.unique(flipped)) <= {0, 1, 2}
+    tta = np.load(out / "new_00.npz")["probabilities"]
+    check_flip_average(final, raw / "imagesTs" / "new_00_0000.nii.gz", tta)
+    check_largest_components(flipped, tta.argmax(axis=0))
+
+
+def check_flip_average(checkpoint, path, saved):
+    """``--tta flip`` probabilities == an oracle written here: the softmax of each in-plane flip of
+    every slice, flipped back, averaged (a missing flip-back or a wrong axis fails)."""
+    from dataloaders.dataset import resize_nearest
+    from dataloaders.volume_io import geometry_meta, read_image
+    from utils.geometry import restore_original_geometry
+    model, card = predict.load_predictor(checkpoint, torch.device("cpu"))
+    image = read_image(path)
+    volume, axis = preprocess_image(image, card["preprocessing"])
+    size = card["image_size"]
+    with torch.no_grad():
+        x = resize_nearest(torch.as_tensor(volume), (size, size))[:, None]
+        views = [torch.softmax(model(x), 1), torch.softmax(model(x.flip(-1)), 1).flip(-1),
+                 torch.softmax(model(x.flip(-2)), 1).flip(-2), torch.softmax(model(x.flip(-2, -1)), 1).flip(-2, -1)]
+        mean = resize_nearest(sum(views) / 4, volume.shape[-2:]).permute(1, 0, 2, 3).numpy()
+    expected = np.stack([restore_original_geometry(c, geometry_meta(image, axis)) for c in mean])
+    np.testing.assert_allclose(saved, expected, atol=1e-5)
+    without = resize_nearest(views[0], volume.shape[-2:]).permute(1, 0, 2, 3).numpy()
+    assert np.abs(np.stack([restore_original_geometry(c, geometry_meta(image, axis)) for c in without])
+                  - expected).max() > 1e-3  # the flips do change the probabilities: the check can fail
+
+
+def check_largest_components(label, argmax):
+    """``--lcc``: each class keeps one 26-connected component, a subset of the class's argmax voxels,
+    and the argmax had more than one somewhere (so that the filter had something to remove)."""
+    structure = np.ones((3, 3, 3))
+    several = False
+    for c in (1, 2):
+        kept = label == c
+        assert ndimage.label(kept, structure=structure)[1] <= 1 and not (kept & (argmax != c)).any()
+        n = ndimage.label(argmax == c, structure=structure)[1]
+        several |= n > 1
+        if n:
+            sizes = np.bincount(ndimage.label(argmax == c, structure=structure)[0].ravel())[1:]
+            assert kept.sum() == sizes.max()  # the largest one
+    assert several
 
 
 def test_predict_case_names_follow_the_nnunet_channel_suffix(tmp_path):

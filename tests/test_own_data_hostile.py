@@ -334,3 +334,86 @@ def test_a_missing_data_file_stops_predict_before_any_case_is_written(trained, t
     message = error_of(predict.main, ["-i", str(folder), "-o", str(tmp_path / "p"), "--checkpoint", str(trained[2]),
                                       "--device", "cpu"])
     assert message.startswith(f"error: {folder / 's2.mhd'}: its data file") and not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------ found by an attack on the inputs (review)
+
+def test_entries_named_like_images_that_are_not_files_are_refused(trained, tmp_path, checkpoint):
+    raw = tmp_path / "raw"
+    shutil.copytree(trained[0], raw)
+    (raw / "labels" / "c2.nii.gz").unlink()
+    (raw / "labels" / "c2.nii.gz").mkdir()  # would have made c2 silently unlabeled
+    assert error_of(convert_dataset.main, ["--input", str(raw), "--out", str(tmp_path / "o"), "--image_size",
+                                           "32"]) == (f"error: {raw / 'labels' / 'c2.nii.gz'}: named like an image "
+                                                      f"but not a readable file (in labels)")
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(raw / "images" / "c0.nii.gz", scans / "c0.nii.gz")
+    (scans / "gone.nii.gz").symlink_to(tmp_path / "nowhere.nii.gz")
+    assert error_of(predict.main, ["-i", str(scans), "-o", str(tmp_path / "p"), "--checkpoint", str(checkpoint),
+                                   "--device", "cpu"]) == f"error: {scans / 'gone.nii.gz'}: named like an image but " \
+                                                          f"not a readable file"
+
+
+def test_predict_output_folder_records_after_failures_and_foreign_files(trained, tmp_path, checkpoint):
+    raw, _, final = trained
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    bad = phantom((6, 36, 40), seed=1)[0].astype(np.float32)
+    bad[0, 0, 0] = np.nan
+    write_image(bad, scans / "c0.nii.gz", SPACING)
+    out = tmp_path / "out"
+    error_of(predict.main, ["-i", str(scans), "-o", str(out), "--checkpoint", str(checkpoint), "--device", "cpu"])
+    write_image(phantom((6, 36, 40), seed=1)[0], scans / "c0.nii.gz", SPACING)  # fixed; another model now
+    predict.main(["-i", str(scans), "-o", str(out), "--checkpoint", str(final), "--device", "cpu"])  # no map there
+    assert (out / "c0.nii.gz").is_file()
+    shutil.copy(raw / "images" / "c1.nii.gz", scans / "c1.nii.gz")
+    (out / "c1.nii.gz").write_text("notes")  # a user's file named like a label map
+    assert error_of(predict.main, ["-i", str(scans), "-o", str(out), "--checkpoint", str(final), "--device", "cpu"]) \
+        == (f"error: -o {out}: holds 1 label map(s) that no predict.py run recorded (c1.nii.gz); give --overwrite to "
+            f"predict them again, or another -o")
+    assert (out / "c1.nii.gz").read_text() == "notes"
+
+
+def test_predict_refuses_an_empty_case_name(tmp_path, checkpoint):
+    write_image(phantom((6, 36, 40), seed=2)[0], tmp_path / "_0000.nii.gz", SPACING)
+    assert error_of(predict.main, ["-i", str(tmp_path / "_0000.nii.gz"), "-o", str(tmp_path / "p"), "--checkpoint",
+                                   str(checkpoint), "--device", "cpu"]) == \
+        f"error: {tmp_path / '_0000.nii.gz'}: no case name before _0000.nii.gz; expected {{case}}.nii.gz"
+
+
+def test_the_test_images_cannot_be_added_as_unlabeled_cases(tmp_path):
+    raw = tmp_path / "raw"
+    make_nnunet(raw, n_labeled=3, n_unlabeled=0)
+    assert error_of(convert_dataset.main, ["--input", str(raw), "--out", str(tmp_path / "o"), "--image_size", "32",
+                                           "--unlabeled", str(raw / "imagesTs")]) == (
+        f"error: {raw / 'imagesTs' / 'new_00_0000.nii.gz'}: case new_00 is an imagesTs case of --input; a test case "
+        f"must not be a training case (unlabeled ones included)")
+
+
+def test_the_header_check_of_predict_ends_in_one_line_with_the_readers_cause(tmp_path, checkpoint, capfd):
+    path = write_image(phantom((6, 36, 40), seed=3)[0], tmp_path / "m.mha", SPACING)
+    text = path.read_bytes()
+    header, rest = text.split(b"ElementDataFile", 1)
+    lines = header.decode().splitlines()
+    moved = [line for line in lines if line.startswith("TransformMatrix")] + \
+        [line for line in lines if not line.startswith("TransformMatrix")]  # before NDims: MetaIO fails
+    path.write_bytes(("\n".join(moved) + "\n").encode() + b"ElementDataFile" + rest)
+    message = error_of(predict.main, ["-i", str(path), "-o", str(tmp_path / "p"), "--checkpoint", str(checkpoint),
+                                      "--device", "cpu"])
+    assert message.startswith(f"error: {path}: not a readable image (") and "No such file" not in message
+    assert capfd.readouterr().err.count("\n") <= 1  # ITK's own lines were held back
+
+
+def test_a_stored_geometry_that_does_not_fit_is_named_before_any_summary(trained, tmp_path):
+    import h5py
+    raw, _, final = trained
+    root = tmp_path / "conv"
+    convert(raw, root, "--val_cases", "c3")
+    with h5py.File(root / "data" / "c3.h5", "a") as f:
+        f.attrs["orig_size"] = [40, 36, 5]  # one slice fewer than the stored volume
+    out = tmp_path / "eval"
+    message = error_of(test_custom.main, ["--checkpoint", str(final), "--root_path", str(root), "--split", "val",
+                                          "--device", "cpu", "--workers", "0", "--out", str(out)])
+    assert message.startswith(f"error: {root / 'data' / 'c3.h5'}: its stored geometry does not fit its volume (")
+    assert not (out / "summary.json").exists()

@@ -73,9 +73,13 @@ def list_images(folder, what):
     file with another ending or a case named twice."""
     found = {}
     for path in sorted(Path(folder).iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith("."):
             continue
         ending = image_ending(path.name)
+        if ending is not None and not path.is_file():  # a folder, a dangling link, a device
+            raise ValueError(f"{path}: named like an image but not a readable file (in {what})")
+        if path.is_dir():
+            continue
         if ending is None:
             lower = path.name.lower()
             if lower.endswith(".gz") and not lower.endswith(".raw.gz"):
@@ -191,8 +195,12 @@ def discover(input_dir, unlabeled_dir=None):
                     f"{base}{CHANNEL}" in found or base in found):
                 raise ValueError(f"{path}: a second input channel of case {base} ({suffix}); expected one channel "
                                  f"per case ({{case}}.ext or {{case}}_0000.ext), as in imagesTr")
+        predict_only = set(info.get("predict_only_cases") or ())
         for case, path in found.items():
             case = case[: -len(CHANNEL)] if case.endswith(CHANNEL) else case
+            if case in predict_only:
+                raise ValueError(f"{path}: case {case} is an imagesTs case of --input; a test case must not be a "
+                                 f"training case (unlabeled ones included)")
             if case in cases:
                 raise ValueError(f"{path}: case {case} is also {cases[case]['image']}; unlabeled cases need their own "
                                  f"names")

@@ -60,6 +60,7 @@ class Layout:
     dtype: np.dtype = None
     scaled: bool = False
     nifti: bool = False
+    version: int = 1  # NIfTI-1 or NIfTI-2 (other formats: 1)
     head: bytes = None  # the first decompressed bytes of a gzip stream, when they hold the whole prefix
     trailer: tuple = None  # (CRC-32, length) at the end of a gzip stream, once read
 
@@ -72,6 +73,16 @@ def _unreadable(path, what):
     raise DamagedFile(f"{path}: not a readable image ({what})")
 
 
+def _voxel_bytes(dims, item_size, path):
+    """Bytes of ``dims`` voxels of ``item_size`` bytes; 'not a readable image' for sizes no file has."""
+    total = item_size
+    for d in dims:
+        total *= int(d)
+        if total > 2 ** 50:
+            _unreadable(path, f"dimensions {[int(v) for v in dims]}: more voxels than any image file holds")
+    return int(total)
+
+
 # ---------------------------------------------------------------- NIfTI
 
 NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
@@ -79,7 +90,8 @@ NIFTI_TYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u
 
 
 def _nifti_fields(head, path):
-    """(vox_offset, voxel bytes, element dtype or None, scaled) from the first 540 bytes of a NIfTI file."""
+    """(vox_offset, voxel bytes, element dtype or None, scaled, version) from the first 540 bytes of a
+    NIfTI file."""
     if len(head) < 348:
         _unreadable(path, f"NIfTI header of {len(head)} bytes, expected at least 348")
     for order in "<>":
@@ -114,35 +126,45 @@ def _nifti_fields(head, path):
     if not all(math.isfinite(v) and v != 0 for v in sizes):
         raise ValueError(f"{path}: voxel size {[float(v) for v in sizes]} in its NIfTI header (pixdim); expected "
                          f"positive finite sizes (ITK would read 0 or NaN as 1 mm)")
-    if vox_offset < size + 4 and not (size == 348 and vox_offset == 0):
+    if vox_offset < size + 4:
         _fail(path, f"NIfTI voxel offset {vox_offset}, expected at least {size + 4}")
-    nbytes = int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+    nbytes = _voxel_bytes(dims[1:dims[0] + 1], bitpix / 8, path)
     scaled = slope not in (0.0, 1.0) or (slope != 0.0 and inter != 0.0)
-    return max(vox_offset, size + 4), nbytes, (None if code is None else np.dtype(order + code)), scaled
+    return vox_offset, nbytes, (None if code is None else np.dtype(order + code)), scaled, 1 if size == 348 else 2
 
 
 def _nifti_layout(path, gz):
     with open(path, "rb") as f:
         head = f.read(540)
     if not (gz and head[:2] == b"\x1f\x8b"):  # ITK also reads a '.nii.gz' that is not compressed
-        offset, nbytes, dtype, scaled = _nifti_fields(head, path)
-        return Layout(path, offset, nbytes, "raw", dtype=dtype, scaled=scaled, nifti=True)
+        offset, nbytes, dtype, scaled, version = _nifti_fields(head, path)
+        return Layout(path, offset, nbytes, "raw", dtype=dtype, scaled=scaled, nifti=True, version=version)
     head = _gunzip_head(path, 1024)
-    offset, nbytes, dtype, scaled = _nifti_fields(head, path)
-    return Layout(path, 0, nbytes, "gzip", prefix=offset, dtype=dtype, scaled=scaled, nifti=True,
+    offset, nbytes, dtype, scaled, version = _nifti_fields(head, path)
+    return Layout(path, 0, nbytes, "gzip", prefix=offset, dtype=dtype, scaled=scaled, nifti=True, version=version,
                   head=head if len(head) >= offset else None)
 
 
 def _gunzip_head(path, n):
-    """The first ``n`` decompressed bytes of a gzip file (fewer if the stream is shorter)."""
-    inflater, out = zlib.decompressobj(31), b""
+    """The first ``n`` decompressed bytes of a gzip file, across its members (fewer if the stream is
+    shorter)."""
+    inflater, out, pending = zlib.decompressobj(31), b"", b""
     try:
         with open(path, "rb") as f:
             while len(out) < n:
-                chunk = f.read(1 << 16)
+                chunk = pending or f.read(1 << 16)
+                pending = b""
                 if not chunk:
                     break
                 out += inflater.decompress(chunk, n - len(out))
+                pending = inflater.unconsumed_tail
+                if inflater.eof:
+                    pending = inflater.unused_data
+                    if not pending.strip(b"\0"):
+                        pending = f.read(1 << 16) if len(out) < n else b""
+                        if not pending.strip(b"\0"):
+                            break
+                    inflater = zlib.decompressobj(31)  # the next gzip member
     except zlib.error as err:
         _unreadable(path, f"gzip stream: {err}")
     return out
@@ -196,13 +218,21 @@ def _metaimage_layout(path):
         _unreadable(path, "MetaImage header without a valid DimSize, ElementType or ElementNumberOfChannels")
     if not dims or any(d < 1 for d in dims) or channels < 1:
         _fail(path, f"MetaImage DimSize {dims}")
+    if str(len(dims)) != fields.get("NDims", "").strip():
+        _fail(path, f"MetaImage DimSize {dims} for NDims {fields.get('NDims')!r}")
+    if fields.get("BinaryData", "True").lower() != "true":
+        raise ValueError(f"{path}: MetaImage BinaryData = {fields['BinaryData']} (voxels as text) is not read; "
+                         f"expected binary voxel data")
     msb = (fields.get("BinaryDataByteOrderMSB") or fields.get("ElementByteOrderMSB") or "False").lower() == "true"
-    nbytes = int(np.prod(dims, dtype=np.int64)) * channels * np.dtype(code).itemsize
+    nbytes = _voxel_bytes(dims, channels * np.dtype(code).itemsize, path)
     compressed = fields.get("CompressedData", "False").lower() == "true"
     source = fields["ElementDataFile"]
     if source == "LOCAL":
+        if _int(fields, "HeaderSize", path):
+            raise ValueError(f"{path}: HeaderSize with LOCAL (embedded) data is not read; expected the voxels "
+                             f"right after the header")
         data_path, offset = path, end
-    elif " " in source or source.upper() == "LIST" or "%" in source:
+    elif " " in source or source.upper() == "LIST" or "%" in source or "\0" in source:
         raise ValueError(f"{path}: ElementDataFile {source!r}: only LOCAL or one data file is read")
     else:
         data_path, offset = path.parent / source, _int(fields, "HeaderSize", path)
@@ -244,6 +274,7 @@ def _nrrd_layout(path):
         _unreadable(path, "NRRD header without valid sizes or type")
     if not sizes or any(s < 1 for s in sizes):
         _fail(path, f"NRRD sizes {sizes}")
+    _check_nrrd_spacing(fields, path)
     encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip"}.get(fields.get("encoding", "").lower())
     if encoding is None:
         raise ValueError(f"{path}: NRRD encoding {fields.get('encoding')!r}: only raw and gzip are read "
@@ -257,8 +288,26 @@ def _nrrd_layout(path):
         _unreadable(path, "NRRD header without the blank line before its data")
     data_path, offset = (path.parent / source, 0) if source else (path, end)
     little = fields.get("endian", "little").lower() == "little"
-    nbytes = int(np.prod(sizes, dtype=np.int64)) * np.dtype(code).itemsize
+    nbytes = _voxel_bytes(sizes, np.dtype(code).itemsize, path)
     return Layout(data_path, offset, nbytes, encoding, dtype=np.dtype(("<" if little else ">") + code))
+
+
+def _check_nrrd_spacing(fields, path):
+    """ValueError for a NaN, infinite or zero voxel size in ``spacings`` or ``space directions`` (ITK
+    would read a NaN spacing as 1 mm)."""
+    for key in ("spacings", "space directions"):
+        value = fields.get(key)
+        if value is None:
+            continue
+        groups = re.findall(r"\(([^)]*)\)", value) if key == "space directions" else value.split()
+        for group in groups:
+            try:
+                numbers = [float(v) for v in re.split(r"[,\s]+", group.strip()) if v]
+            except ValueError:
+                _unreadable(path, f"NRRD {key} {value!r}")
+            if numbers and (not all(math.isfinite(v) for v in numbers) or not any(v != 0 for v in numbers)):
+                raise ValueError(f"{path}: NRRD {key} {value!r}: expected positive finite voxel sizes (ITK would "
+                                 f"read a NaN as 1 mm)")
 
 
 # ---------------------------------------------------------------- checks
@@ -271,21 +320,33 @@ def read_image(path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     lay = check_sizes(path)
+    image, failure = None, None
     with held_stderr() as printed:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as err:
-            image, cause = None, itk_cause(err)
-    if image is None:
-        raise ValueError(f"{path}: not a readable image ({cause})") from None
+            failure = err
+    if failure is not None:  # its cause read once what ITK printed has been collected
+        raise ValueError(f"{path}: not a readable image ({itk_cause(failure, printed, lay)})") from None
     check_voxels(path, image, lay)
-    spacing = image.GetSpacing()
+    check_grid(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    report_itk_output(path, printed)
+    return image
+
+
+def check_grid(path, spacing, origin, direction):
+    """ValueError naming ``path`` unless its voxel sizes are positive and finite and its origin and
+    direction finite."""
     if not all(math.isfinite(v) and v > 0 for v in spacing):
         raise ValueError(f"{path}: voxel spacing {list(spacing)}; expected positive finite sizes")
-    for line in printed["text"].splitlines():  # what ITK printed about a file that passed every check
-        if line.strip():
-            print(f"{path}: ITK says: {line.strip()} (its voxels passed the checks)", file=sys.stderr)
-    return image
+    if not all(math.isfinite(v) for v in (*origin, *direction)):
+        raise ValueError(f"{path}: origin {list(origin)} / direction {list(direction)}; expected finite values")
+
+
+def report_itk_output(path, printed):
+    """Print what ITK wrote to stderr about a file that passed every check, once, naming the file."""
+    for line in dict.fromkeys(line.strip() for line in printed["text"].splitlines() if line.strip()):
+        print(f"{path}: ITK says: {line} (its voxels passed the checks)", file=sys.stderr)
 
 
 _HELD = {"file": None}
@@ -315,15 +376,23 @@ def held_stderr():
         out["text"] = held.read().decode("utf-8", errors="replace")
 
 
-def itk_cause(err):
+def itk_cause(err, printed=None, lay=None):
     """What an ITK exception says went wrong, in one line of at most 200 characters: its
     ``itk::ERROR`` line without the object address, and the innermost cause when that line ends in
-    a colon (NRRD's reader puts the reason last)."""
+    a colon (NRRD's reader puts the reason last). Where ITK's exception only says that no reader took
+    the file or gives a wrong errno, what its reader printed (``printed``, from ``held_stderr``) or
+    the file's kind (a NIfTI-2 header) says more."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    first = next((line for line in lines if "itk::ERROR" in line or "Unable" in line), lines[-1] if lines else "")
-    first = re.sub(r"itk::ERROR: \w+\(0x[0-9a-f]+\): ", "", first)
+    first = next((line for line in lines if "itk::ERROR" in line or "ITK ERROR" in line or "Unable" in line),
+                 lines[-1] if lines else "")
+    first = re.sub(r"(itk::ERROR|ITK ERROR): \w+\(0x[0-9a-f]+\): ", "", first)
     if first.endswith(":") and lines and lines[-1] not in first:
         first = f"{first} {lines[-1]}"
+    if lay is not None and lay.version == 2 and "Unable to determine ImageIO reader" in first:
+        first = "a NIfTI-2 file, which this SimpleITK does not read: save it as NIfTI-1"
+    said = [line.strip() for line in (printed or {}).get("text", "").splitlines() if line.strip()]
+    if said and any(vague in " ".join(lines) for vague in ("No such file or directory", "Unable to determine")):
+        first = said[0]
     return first[:200]
 
 
@@ -343,10 +412,17 @@ def layout(path):
 
 
 def _size(data_path, header_path):
+    """The size of ``data_path`` (the file itself or a header's data file); errors name the header."""
     try:
+        if not data_path.is_file():
+            raise FileNotFoundError(f"{header_path}: its data file {data_path} does not exist" if not
+                                    data_path.exists() else f"{header_path}: its data file {data_path} is not a file")
         return data_path.stat().st_size
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{header_path}: its data file {data_path} does not exist") from None
+    except (OSError, ValueError) as err:  # a path through a file, an embedded NUL byte, no permission
+        if isinstance(err, FileNotFoundError) and str(err).startswith(str(header_path)):
+            raise
+        raise FileNotFoundError(f"{header_path}: its data file {data_path} cannot be read "
+                                f"({getattr(err, 'strerror', None) or err})") from None
 
 
 def check_sizes(path):
@@ -388,31 +464,37 @@ def _stored_bytes_of(image, lay):
 
 
 def check_voxels(path, image, lay):
-    """After ITK has read ``image`` from ``path``: the checksum at the end of a compressed stream must
-    be the checksum of the voxels ITK returned (the whole stream is checked where they cannot be
-    compared), and a float file must hold finite voxels, looked for in the stored data where ITK's
-    NIfTI reader would have turned them into zeros. DamagedFile / ValueError naming the file otherwise."""
-    floats = lay.dtype is not None and lay.dtype.kind == "f"
+    """After ITK has read ``image`` from ``path``: ITK returned as many voxels as the header gives; the
+    checksum at the end of a compressed stream is that of the voxels ITK returned (the whole stream is
+    checked where they cannot be compared); and the voxels are finite, looked for in the stored data
+    where ITK's NIfTI reader would have turned NaN into zeros. DamagedFile / ValueError naming the file."""
+    array = _itk_array(image)
+    if lay.dtype is not None and array.size * lay.dtype.itemsize != lay.nbytes:
+        _fail(path, f"ITK read {array.size} voxel values, the header gives {lay.nbytes // lay.dtype.itemsize}")
+    stored_floats = lay.nifti and lay.dtype is not None and lay.dtype.kind == "f"
     if lay.encoding == "raw":
-        if floats and lay.nifti:
+        if stored_floats:
             _refuse_nonfinite(path, _stored_nonfinite(lay))
-        elif _float_image(image):
-            _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)))
-        return
+    elif not _checksum_matches(image, lay):
+        _verify_stream(path, lay, _stored_bytes_of(image, lay))  # counts a NIfTI stream's NaN too
+    if _float_image(image) and (not lay.nifti or lay.scaled):  # ITK keeps these (and scaling can overflow)
+        _refuse_nonfinite(path, _count_nonfinite(array))
+
+
+def _checksum_matches(image, lay):
+    """Whether ITK's buffer, as the stored bytes, has the checksum that ends the stream (False where
+    the buffer is not the stored bytes: the whole stream is then checked)."""
     voxels = _stored_bytes_of(image, lay)
-    if voxels is not None and lay.encoding == "gzip":
+    if voxels is None:
+        return False
+    if lay.encoding == "gzip":
         prefix = (lay.head if lay.head is not None else _gunzip_head(lay.data_path, lay.prefix))[: lay.prefix]
-        if _gzip_trailer(lay)[0] == checksums.crc32(voxels, checksums.crc32(prefix) if lay.prefix else 0):
-            # ITK's NIfTI reader zeroes NaN: equal to the stored voxels, its buffer has none to look for
-            return _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)) if floats and not lay.nifti else 0)
-    elif voxels is not None and lay.stored_size is not None and lay.stored_size >= 6:
-        with open(lay.data_path, "rb") as f:
-            f.seek(lay.offset + lay.stored_size - 4)
-            if struct.unpack(">I", f.read(4))[0] == checksums.adler32(voxels):
-                return _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)) if floats else 0)
-    _verify_stream(path, lay, voxels)
-    if not lay.nifti and _float_image(image):
-        _refuse_nonfinite(path, _count_nonfinite(_itk_array(image)))
+        return _gzip_trailer(lay)[0] == checksums.crc32(voxels, checksums.crc32(prefix) if lay.prefix else 0)
+    if lay.stored_size is None or lay.stored_size < 6:
+        return False
+    with open(lay.data_path, "rb") as f:
+        f.seek(lay.offset + lay.stored_size - 4)
+        return struct.unpack(">I", f.read(4))[0] == checksums.adler32(voxels)
 
 
 def _float_image(image):

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from dataloaders.image_check import check_sizes, itk_cause, read_image  # noqa: F401  (read_image: re-exported)
+from dataloaders.image_check import (check_grid, check_sizes, held_stderr, itk_cause,  # noqa: F401
+                                     read_image)  # read_image: re-exported
 from dataloaders.preprocess_promise12 import preprocess_arrays
 from utils.geometry import check_shape, resize_slices
 
@@ -51,14 +52,19 @@ def check_image_header(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    check_sizes(path)
+    lay = check_sizes(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ValueError(f"{path}: not a readable image ({itk_cause(err)})") from None
+    failure = None
+    with held_stderr() as printed:  # what ITK prints about it is shown once, when the file is read
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as err:
+            failure = err
+    if failure is not None:
+        raise ValueError(f"{path}: not a readable image ({itk_cause(failure, printed, lay)})") from None
     check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), path)
+    check_grid(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
 
 def check_recipe(recipe):

@@ -179,7 +179,7 @@ def check_geometry(image, label, image_path, label_path):
                          f"({image_path})")
     for prop in ("Spacing", "Origin", "Direction"):
         a, b = np.asarray(getattr(image, f"Get{prop}")()), np.asarray(getattr(label, f"Get{prop}")())
-        if a.shape != b.shape or np.max(np.abs(a - b)) > GEOMETRY_TOLERANCE:
+        if a.shape != b.shape or not np.max(np.abs(a - b)) <= GEOMETRY_TOLERANCE:  # NaN never agrees
             raise ValueError(f"{label_path}: {prop.lower()} {_show(b)} differs from the image's {_show(a)} "
                              f"(tolerance {GEOMETRY_TOLERANCE}; {image_path})")
 

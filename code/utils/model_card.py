@@ -9,6 +9,7 @@ Stored in every checkpoint as ``config["model_card"]`` (plain values, read with
      "image_size": S,                  # the network's input size (--image_size)
      "preprocessing": {...},           # the recipe of dataloaders.volume_io (normalisation, slice axis, size)
      "training_cases": [...],          # every case of train.list and unlabeled.list: the run may have seen them
+     "training_source": "...",         # where those cases come from (data_source): names compare within one source
      "naming": "nnunet" | "plain"}     # converted data sets: how the training images were named ({case}_0000)
 
 ``training_cases`` lets the test scripts refuse to score a case the model trained on; ``naming`` tells
@@ -54,6 +55,14 @@ def training_cases(root):
     return sorted(names)
 
 
+def data_source(root):
+    """Where a data root's cases come from: the converted input folder (dataset.json ``source``), else
+    the root itself (resolved); None without a root. Two roots of one source name the same cases."""
+    if root is None:
+        return None
+    return _json(root).get("source") or str(Path(root).resolve())
+
+
 def model_card(dataset, root, num_classes, image_size, in_chns=1):
     """The model card of a run on ``dataset`` (ACDC, PROMISE12 or CUSTOM) rooted at ``root``."""
     recipe, classes = recipe_and_classes(dataset, root)
@@ -62,7 +71,8 @@ def model_card(dataset, root, num_classes, image_size, in_chns=1):
     card = {"format": CARD_FORMAT, "dataset": dataset, "classes": classes, "num_classes": int(num_classes),
             "input_channels": int(in_chns), "network": {"name": "unet", "in_chns": int(in_chns),
                                                         "class_num": int(num_classes), "channels": list(CHANNELS)},
-            "image_size": int(image_size), "preprocessing": recipe, "training_cases": training_cases(root)}
+            "image_size": int(image_size), "preprocessing": recipe, "training_cases": training_cases(root),
+            "training_source": data_source(root)}
     if dataset == "CUSTOM":
         card["naming"] = "nnunet" if _json(root).get("layout") == "nnunet" else "plain"
     return card

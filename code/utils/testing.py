@@ -18,6 +18,7 @@ from scipy import ndimage
 from dataloaders.dataset import load_volumes
 from networks.unet import build_model
 from utils.checkpoint import load_checkpoint, load_model_state
+from utils.model_card import data_source
 from utils.evaluation import evaluate_predictions, predict_volume, present_classes
 from utils.geometry import load_volume_meta, write_label_image
 from utils.metrics import METRIC_NAMES, summarize
@@ -88,7 +89,10 @@ def _check_split_not_empty(root, split):
 
 def _check_not_trained_on(checkpoint, card, root, split):
     """ValueError when a case of ``root/<split>.list`` is one the checkpoint's model card lists among
-    its training cases (e.g. a data set converted again with other splits)."""
+    its training cases, for a root of the same source (e.g. a data set converted again with other
+    splits)."""
+    if card.get("training_source") is None or card["training_source"] != data_source(root):
+        return  # another data set: equal names are other cases
     trained = set(card.get("training_cases") or ())
     path = Path(root) / f"{split}.list"
     seen = sorted(trained & set(path.read_text().split())) if path.is_file() else []
@@ -120,7 +124,6 @@ def run_test(args, class_names, describe_data=None):
     out = Path(args.out or Path(args.checkpoint).parent / f"eval_{args.split}")
     _check_split_not_empty(root, args.split)
     _check_not_trained_on(args.checkpoint, config.get("model_card") or {}, root, args.split)
-    out.mkdir(parents=True, exist_ok=True)
     volumes = load_volumes(root, args.split, num_classes)
     present = present_classes(volumes, num_classes)
     absent = [name for k, name in enumerate(class_names, start=1) if k not in present]
@@ -144,6 +147,16 @@ def run_test(args, class_names, describe_data=None):
     data_name = describe_data(root) if describe_data else None
     if data_name:
         summary["data"] = data_name
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.no_predictions:  # first: a volume whose stored geometry is wrong stops before any summary
+        pred_dir = out / "predictions"
+        pred_dir.mkdir(exist_ok=True)
+        for v, pred in zip(volumes, preds):
+            source = Path(root) / "data" / f"{v['case']}.h5"
+            try:
+                write_label_image(pred, load_volume_meta(source), pred_dir / f"{v['case']}_pred.nii.gz")
+            except ValueError as err:
+                raise ValueError(f"{source}: its stored geometry does not fit its volume ({err})") from None
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     with open(out / "cases.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -155,12 +168,6 @@ def run_test(args, class_names, describe_data=None):
             if has_mm:
                 row += [f"{cls[m]:.6f}" for cls in mmv for m in ("hd95", "asd")]
             writer.writerow(row + [f"{np.mean([cls['dice'] for cls in vox]):.6f}"])
-    if not args.no_predictions:
-        pred_dir = out / "predictions"
-        pred_dir.mkdir(exist_ok=True)
-        for v, pred in zip(volumes, preds):
-            meta = load_volume_meta(Path(root) / "data" / f"{v['case']}.h5")
-            write_label_image(pred, meta, pred_dir / f"{v['case']}_pred.nii.gz")
     if data_name:
         print(f"data: {data_name}")
     print(f"{args.split}: {len(volumes)} cases, checkpoint {args.checkpoint}"
