@@ -53,10 +53,13 @@ OPTIONAL = {"pytest": "pytest", "tensorboardX": "tensorboardx"}
 DATA_CANDIDATES = ("../shared/data/ACDC", "shared/data/ACDC", ".device_data/ACDC")
 # the run on the device and its CPU dry run
 FULL = {"device": "cuda", "image_size": 256, "batch_size": 24, "budget_s": 540.0,
-        "bench": ["--iterations", "10", "--repeats", "2", "--warmup", "3"]}
+        "bench": ["--iterations", "10", "--repeats", "2", "--warmup", "3"],
+        "feed": ["--feed_workers", "0", "2", "4", "8", "--feed_seconds", "4"]}
 DRY = {"device": "cpu", "image_size": 32, "batch_size": 4, "budget_s": 16.0,
-       "bench": ["--iterations", "1", "--repeats", "1", "--warmup", "1", "--threads", "1"]}
-PHASES = ("cuda_tests", "bench", "sscd", "labeled_only")
+       "bench": ["--iterations", "1", "--repeats", "1", "--warmup", "1", "--threads", "1"],
+       "feed": ["--feed_workers", "0", "1", "--feed_seconds", "0.5"]}
+PHASES = ("cuda_tests", "bench", "disk_feed", "sscd", "labeled_only")
+FEED_S = 60.0  # the disk feed phase's limit
 CUDA_TESTS_S = 120.0  # the CUDA suite's limit
 BENCH_SHARE = 0.4   # of the budget left after the CUDA suite, at most, for the benchmark
 SSCD_SHARE = 0.65   # of what is left after the benchmark; the labeled-only run gets the rest
@@ -340,6 +343,19 @@ def bench_phase(check, common):
     return bench
 
 
+def feed_phase(check, data):
+    """Slices per second the disk data path (--data_cache disk) reads at the check's size, by the number of
+    DataLoader workers: what a pool too large for memory can feed the GPU (the paper run needs ~500/s)."""
+    argv = [sys.executable, "bench/bench_pool.py", "--feed", str(data), "--image_size", str(check.cfg["image_size"]),
+            *check.cfg["feed"]]
+    record, lines = check.command("disk_feed", argv, max(FEED_S, MIN_TIMEOUT_S[check.device] / 4))
+    result = next((json.loads(line) for line in reversed(lines) if line.startswith('{"cpu"')), None)
+    if result is not None:
+        record["result"] = result
+        check.result["summary"]["disk_feed_slices_per_s"] = result["feed_slices_per_s"]
+    check.write()
+
+
 def train_phase(check, name, argv, timeout, iterations):
     """One trainer subprocess: return code, wall time, iterations per wall second (start and
     validations included), the val Dice of its final checkpoint, what its log shows it reached (for
@@ -370,6 +386,7 @@ def device_check(a):
               "--labelnum", str(LABELNUM["dry" if a.dry_run else "full"]), "--device", device]
     cuda_tests_phase(check)
     bench = bench_phase(check, common)
+    feed_phase(check, data)
     rates = bench["fast"] if bench else ASSUMED_RATES[device]
     plan = size_runs(rates, (1 - MARGIN) * check.budget - check.elapsed(), device)
     plan["rates"] = "measured" if bench else "assumed (the benchmark failed)"

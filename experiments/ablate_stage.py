@@ -4,8 +4,9 @@ per variant and seed, on val.list.
 Each variant is the published SSCD stage (no cross-term ramp-up) plus some flags, or this code's
 default stage (``cross_rampup 0.5``) without one component (``VARIANTS``); every run trains stage 1
 (HCA weights 1,0,0,0) for ``--stage_iterations`` from ``--init_checkpoint``, validating at the start
-and every ``--val_interval``. Runs are resumable (``--resume``; a finished one is read back) and go
-``--jobs`` at a time with one thread each. The table gives, per variant, mean ± std over seeds of the
+and every ``--val_interval``. Runs are resumable (a started one resumes; a finished one is read back)
+and are jobs of experiments/launch.py (``--launcher local``: ``--jobs`` at a time, one thread each on a
+CPU; ``--launcher slurm``). The table gives, per variant, mean ± std over seeds of the
 val Dice at the start, after each validation, their mean after the start, and the best; the last
 line is one JSON object.
 
@@ -17,7 +18,6 @@ import argparse
 import json
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 sys.path.insert(0, str(REPO / "experiments"))
-import run_table  # noqa: E402
+import launch  # noqa: E402
 from utils.curves import read_history  # noqa: E402
 
 VARIANTS = {
@@ -58,7 +58,7 @@ def build_parser():
     p.add_argument("--stage_iterations", type=int, default=120)
     p.add_argument("--val_interval", type=int, default=40)
     p.add_argument("--base_lr", type=float, default=0.025)
-    p.add_argument("--jobs", type=int, default=2)
+    launch.add_launcher_args(p).set_defaults(jobs=2)
     return p
 
 
@@ -71,31 +71,30 @@ def main(argv=None):
     out = Path(args.out)
     runs = [(v, s, out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', v).strip('_')}_s{s}") for v in args.variants
             for s in args.seeds]
-    env = run_table.one_thread_env()
+    shared_cpu = args.launcher != "slurm" and not launch.gpus_per_run(args) and launch.concurrency(args) > 1
+    env = launch.one_thread_env() if shared_cpu else None
+    trainer = REPO / "code" / f"train_{args.dataset}_SSCD.py"
 
-    def train(run):
+    def job(run):
         variant, seed, folder = run
-        trainer = REPO / "code" / f"train_{args.dataset}_SSCD.py"
         command = [sys.executable, str(trainer), "--root_path", args.root_path,
                    "--labelnum", str(args.labelnum), "--image_size", str(args.image_size), "--batch_size", "8",
                    "--labeled_bs", "4", "--start_stage", "1", "--init_checkpoint", args.init_checkpoint,
                    "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
                    "--val_interval", str(args.val_interval), "--log_interval", "40", "--base_lr", str(args.base_lr),
-                   "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder),
-                   *(["--resume"] if (folder / "config.yaml").is_file() else []),  # a run started before
-                   *VARIANTS[variant], *extra]
-        folder.mkdir(parents=True, exist_ok=True)
-        code = run_table.execute(command, folder / "ablation.log", env)
-        print(f"{variant} seed {seed}: exit {code}", flush=True)
-        return code
+                   "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder), *VARIANTS[variant], *extra]
+        steps = [{"name": "train", "command": command, "outputs": [folder / "best.pth"], "marker": folder / "TRAINED"}]
+        return launch.RunJob(f"{variant} seed {seed}", folder, steps, env)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        codes = list(pool.map(train, runs))
+    results = launch.launch([job(run) for run in runs], args, out / "submitit")
+    codes = [r.get("returncode") for r in results]
+    for (variant, seed, _), code in zip(runs, codes):
+        print(f"{variant} seed {seed}: exit {code}", flush=True)
     table = {}
     for (variant, seed, folder), code in zip(runs, codes):
         history = [h for h in read_history(folder) if h["phase"] == "stage_1"]
         if code or not history:
-            print(f"{variant} seed {seed}: failed (see {folder / 'ablation.log'})", file=sys.stderr)
+            print(f"{variant} seed {seed}: failed (see {folder / 'run_table_train.log'})", file=sys.stderr)
             continue
         table.setdefault(variant, []).append([h["dice"] for h in history])
     steps = list(range(0, args.stage_iterations + 1, args.val_interval))

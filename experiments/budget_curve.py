@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 sys.path.insert(0, str(REPO / "code"))
 import compare_acdc  # noqa: E402
+import launch  # noqa: E402
 from compare_arms import arm_runs, summarise  # noqa: E402
 from run_table import TIMES_FILE, TRAINED_FILE  # noqa: E402
 from utils.report import run_name  # noqa: E402
@@ -62,8 +63,8 @@ def build_parser():
                    help="methods the others are paired against, per budget")
     p.add_argument("--recorded", action="append", default=[], metavar="FILE",
                    help="JSON file of a point measured elsewhere (see the docstring); repeatable")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--analyse", action="store_true", help="only read the finished runs and write the analysis")
+    launch.add_launcher_args(p).set_defaults(jobs=2)
     return p
 
 
@@ -87,7 +88,7 @@ def table_argv(args, budget, method, rate):
         raise ValueError(f"--budgets {budget}: expected a positive even number of iterations")
     argv = ["--root_path", str(args.root_path), "--out", str(Path(args.out) / f"it{budget}" / method),
             "--methods", method, "--labelnums", str(args.labelnum), "--seeds", *args.seeds,
-            "--pre_iterations", str(budget // 2), "--max_iterations", str(budget // 2), "--jobs", str(args.jobs)]
+            "--pre_iterations", str(budget // 2), "--max_iterations", str(budget // 2), *launch.forwarded(args)]
     return argv + ([] if rate is None else ["--stage_lr", str(rate)])
 
 

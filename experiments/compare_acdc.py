@@ -22,6 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
+import launch  # noqa: E402
 import run_table  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def build_parser():
     p.add_argument("--base_lr", type=float, default=0.05,
                    help="the same for all; higher than the 30k-iteration default 0.01 because the CPU budget is short")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    launch.add_launcher_args(p).set_defaults(jobs=2)
     return p
 
 
@@ -55,8 +56,8 @@ def main(argv=None, runner=None):
              *extra]
     table = ["--dataset", "ACDC", "--root_path", args.root_path, "--out", args.out, "--device", args.device,
              "--methods", *args.methods, "--labelnums", *args.labelnums, "--seeds", *args.seeds, "--split", "val",
-             "--jobs", str(args.jobs), "--resume_training", "--no_published", "--", *flags]
-    status = run_table.main(table, runner=runner or run_table.execute)
+             *launch.forwarded(args), "--no_published", "--", *flags]
+    status = run_table.main(table, runner=runner)
     summary = {}
     with open(Path(args.out) / "results.csv", newline="") as f:
         for row in csv.DictReader(f):

@@ -11,31 +11,34 @@ Every run is two subprocesses, launched from the repository root:
         --out OUT/runs/<run>/eval_<split> --no_predictions [--root_path R] [--device D]
 
 The flags after ``--`` go to every trainer unchanged (the same budget for every method). A run whose
-``eval_<split>/summary.json`` exists is skipped, so an interrupted table resumes where it stopped; a
-run whose training finished (marker ``TRAINED``) but whose evaluation did not is only evaluated. Each
+``eval_<split>/summary.json`` exists is skipped, so an interrupted table resumes where it stopped (a run
+folder that holds a started run is trained with ``--resume``, one still held by a running job is left
+to it); a run whose training finished (marker ``TRAINED``) but whose evaluation did not is only evaluated. Each
 subprocess's output goes to ``run_table_<step>.log`` in the run folder, and each finished step's
 seconds to ``run_table_times.jsonl``. A failed step writes
 ``FAILED.json`` there (step, command, exit code, log), the table goes on with the next run, the report
 lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
-and runs nothing. The report (``code/utils/report.py``) writes ``OUT/results.md``, ``OUT/results.csv``
-and ``OUT/learning_curves.png`` (every run's logged validations against its total iteration, the
-stage boundaries dotted) and ``OUT/learning_curves_mean.png`` (one line per method: the mean over seeds
-with a ±std band). ``--jobs N`` trains N runs at once, one thread each.
+(and, with ``--launcher slurm``, the batch script) and runs nothing. The report (``code/utils/report.py``)
+writes ``OUT/results.md``, ``OUT/results.csv`` and ``OUT/learning_curves.png`` (every run's logged
+validations against its total iteration, the stage boundaries dotted) and ``OUT/learning_curves_mean.png``
+(one line per method: the mean over seeds with a ±std band).
+
+Every run is one job of ``experiments/launch.py`` (submitit): ``--launcher local`` trains ``--jobs`` runs at
+once on this machine (one thread each on a CPU, one GPU each where there are GPUs), ``--launcher slurm``
+submits them to SLURM, where a preempted or timed-out job is requeued and its trainer resumes
+(docs/clusters.md). ``--dataset CUSTOM`` takes a folder converted by convert_dataset.py (classes from its
+dataset.json): the labeled-only / BCP / ABD / SSCD table of your own data.
 
 Fair by construction: every method gets the same flags after ``--`` (so the same iterations: give the
 self-training budget as ``--max_iterations``, which each method splits over its own stages;
 ``--stage_iterations`` is refused for a mix of methods), the same ``--val_interval``, stage starts
 validated (``--validate_stage_start on``), and its own fresh run folder (the trainers refuse a folder
-that holds another run; an unfinished one is continued with ``--resume_training``).
+that holds another run; an unfinished one is resumed).
 """
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -43,12 +46,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
-from utils.report import EXPECTED_FILE, FAILED_FILE, build_report, run_name  # noqa: E402
+sys.path.insert(0, str(REPO / "experiments"))
+import launch  # noqa: E402
+from launch import FAILED_FILE, TIMES_FILE, execute, one_thread_env  # noqa: E402,F401  (re-exported for drivers)
+from utils.report import EXPECTED_FILE, build_report, run_name  # noqa: E402
 
-DATASETS = ("ACDC", "PROMISE12")
+DATASETS = ("ACDC", "PROMISE12", "CUSTOM")
 METHODS = ("labeled_only", "bcp", "abd", "sscd")
 TRAINED_FILE = "TRAINED"
-TIMES_FILE = "run_table_times.jsonl"  # seconds of every finished train/test step of a run
 #: trainer flags run_table sets itself (per run) and therefore refuses after --
 RESERVED = ("--method", "--labelnum", "--seed", "--save_dir", "--root_path", "--device", "--resume")
 
@@ -90,12 +95,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder: runs/ and results.md, results.csv")
     p.add_argument("--device", default=None, help="passed to trainers and test scripts (default: theirs)")
     p.add_argument("--resume_training", action="store_true",
-                   help="pass --resume to the trainer of a run whose folder exists but did not finish")
+                   help="kept for old commands: a started run is always resumed now")
     p.add_argument("--no_published", action="store_true", help="leave the published ACDC rows out of the report")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained at once (each subprocess then gets OMP_NUM_THREADS=1 unless it is set)")
-    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    return p
+    p.add_argument("--dry_run", action="store_true", help="print the commands (and the SLURM batch script), run nothing")
+    return launch.add_launcher_args(p)
 
 
 def stage_iterations_source(passthrough):
@@ -132,8 +135,7 @@ def parse_args(argv=None):
     if clash:
         parser.error(f"trainer flags {clash} are set by run_table itself (use its own --root_path/--device; "
                      f"--method/--labelnum/--seed come from --methods/--labelnums/--seeds)")
-    if args.jobs < 1:
-        parser.error(f"--jobs {args.jobs}: expected 1 or more")
+    launch.check_launcher_args(parser, args)
     staged = [m for m in args.methods if m != "labeled_only"]
     source = stage_iterations_source(passthrough)
     if len(staged) > 1 and source:
@@ -141,6 +143,9 @@ def parse_args(argv=None):
                      f"five): give --max_iterations, the self-training budget each method splits over its stages")
     if args.dataset != "ACDC" and args.root_path is None:
         parser.error(f"--root_path is required for {args.dataset} (synthetic data exist for ACDC only)")
+    if args.dataset == "CUSTOM" and not (Path(args.root_path) / "dataset.json").is_file():
+        parser.error(f"--root_path {args.root_path}: no dataset.json; --dataset CUSTOM takes a folder converted by "
+                     f"code/dataloaders/convert_dataset.py")
     args.out = Path(args.out).resolve()
     if args.root_path is not None:
         args.root_path = str(Path(args.root_path).resolve())
@@ -149,6 +154,8 @@ def parse_args(argv=None):
 
 def scripts(dataset):
     """(trainer, test script) paths relative to the repository root."""
+    if dataset == "CUSTOM":
+        return "code/train_custom.py", "code/test_custom.py"
     return f"code/train_{dataset}_SSCD.py", f"code/test_{dataset}.py"
 
 
@@ -183,18 +190,12 @@ def status(run):
     return "todo"
 
 
-def execute(command, log_path, env=None):
-    """Run ``command`` from the repository root with its output in ``log_path``; its exit code."""
-    with open(log_path, "w") as log:
-        log.write("$ " + shlex.join(command) + "\n")
-        log.flush()
-        return subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-
-
-def one_thread_env():
-    """The subprocess environment of runs that share the cores: OMP_NUM_THREADS=1 unless it is set
-    (each run must not spin up a thread per core)."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def job_of(run, env=None, runner=None):
+    """The launcher job of a run: train (unless trained; resumed when started), then evaluate."""
+    steps = [{"name": "train", "command": run["train"], "outputs": [run["dir"] / "best.pth"],
+              "marker": run["dir"] / TRAINED_FILE},
+             {"name": "test", "command": run["test"], "outputs": [run["summary"]]}]
+    return launch.RunJob(run["name"], run["dir"], steps, env, runner)
 
 
 def _tail(path, n=25):
@@ -204,63 +205,44 @@ def _tail(path, n=25):
         return "(no log)"
 
 
-def run_one(run, args, runner, env=None):
-    """Train (unless already trained) and evaluate one run; None on success, else the failure dict."""
-    run_dir = run["dir"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
-    steps = []
-    if status(run) != "trained":
-        train = list(run["train"])
-        if args.resume_training and (run_dir / "config.yaml").is_file():
-            train.append("--resume")
-        steps.append(("train", train))
-    steps.append(("test", run["test"]))
-    for step, command in steps:
-        log = run_dir / f"run_table_{step}.log"
-        t0 = time.time()
-        print(f"[{run['name']}] {step}: {shlex.join(command)}", flush=True)
-        code = runner(command, log, env)
-        ok = code == 0 and (step != "train" or (run_dir / "best.pth").is_file()) \
-            and (step != "test" or run["summary"].is_file())
-        if not ok:
-            failure = {"run": run["name"], "step": step, "returncode": code, "command": shlex.join(command),
-                       "log": str(log)}
-            if code == 0:
-                failure["problem"] = "exited 0 but wrote no " + ("best.pth" if step == "train" else "summary.json")
-            (run_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2))
-            print(f"[{run['name']}] {step} FAILED (exit code {code}) after {time.time() - t0:.0f}s; "
-                  f"log {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
-            return failure
-        seconds = time.time() - t0
-        print(f"[{run['name']}] {step} done in {seconds:.0f}s", flush=True)
-        with open(run_dir / TIMES_FILE, "a") as f:  # one line per finished step; a resumed training adds one
-            f.write(json.dumps({"step": step, "seconds": round(seconds, 1),
-                                "omp_threads": (env or os.environ).get("OMP_NUM_THREADS")}) + "\n")
-        if step == "train":
-            (run_dir / TRAINED_FILE).write_text(shlex.join(command) + "\n")
-    return None
+def report_failures(results):
+    """Print each failed job with its log's tail; returns the failures."""
+    failures = [r for r in results if r and r.get("returncode") != 0]
+    for f in failures:
+        what = f"{f['step']} FAILED (exit code {f['returncode']})" if "step" in f else f"job FAILED ({f.get('error')})"
+        print(f"[{f['run']}] {what}; log {f.get('log')}:\n{_tail(f.get('log'))}", file=sys.stderr, flush=True)
+    return failures
 
 
-def main(argv=None, runner=execute):
-    """Run (or with --dry_run print) the table; returns the exit status (1 if any run failed or is missing)."""
+def dry_run(args, runs):
+    for s in [s for s in scripts(args.dataset) if not (REPO / s).is_file()]:
+        print(f"# warning: {s} does not exist (yet)")
+    for run in runs:
+        state = status(run)
+        if state == "done":
+            print(f"# skip {run['name']}: {run['summary']} exists")
+            continue
+        if state == "trained":
+            print(f"# {run['name']}: trained, evaluation only")
+        else:
+            print(shlex.join(run["train"]))
+        print(shlex.join(run["test"]))
+    if args.launcher == "slurm":
+        print("# the batch script of each job (--launcher slurm):")
+        print(launch.sbatch_script(args, args.out / "submitit"))
+    return 0
+
+
+def main(argv=None, runner=None):
+    """Run (or with --dry_run print) the table; returns the exit status (1 if any run failed or is missing).
+    ``runner`` (tests) replaces the subprocess runner; its jobs then run in this process (``debug``)."""
     args, passthrough = parse_args(argv)
+    if runner is not None:
+        args.launcher = "debug"
     runs = plan(args, passthrough)
-    missing = [s for s in scripts(args.dataset) if not (REPO / s).is_file()]
     if args.dry_run:
-        for s in missing:
-            print(f"# warning: {s} does not exist (yet)")
-        for run in runs:
-            state = status(run)
-            if state == "done":
-                print(f"# skip {run['name']}: {run['summary']} exists")
-                continue
-            if state == "trained":
-                print(f"# {run['name']}: trained, evaluation only")
-            else:
-                print(shlex.join(run["train"]))
-            print(shlex.join(run["test"]))
-        return 0
+        return dry_run(args, runs)
+    missing = [s for s in scripts(args.dataset) if not (REPO / s).is_file()]
     if missing:
         print(f"run_table: {', '.join(missing)} not found in {REPO}", file=sys.stderr)
         return 2
@@ -269,19 +251,18 @@ def main(argv=None, runner=execute):
     (runs_dir / EXPECTED_FILE).write_text(json.dumps(
         {"dataset": args.dataset, "split": args.split, "runs": [r["name"] for r in runs],
          "trainer_flags": passthrough, "root_path": args.root_path}, indent=2))
-    todo = []
+    shared_cpu = args.launcher != "slurm" and not launch.gpus_per_run(args) and launch.concurrency(args) > 1
+    env = one_thread_env() if shared_cpu else None
+    jobs = []
     for k, run in enumerate(runs, start=1):
+        holder = launch.held_by(run["dir"]) if status(run) != "done" else None
         if status(run) == "done":
             print(f"[{k}/{len(runs)}] {run['name']}: skipped ({run['summary']} exists)", flush=True)
+        elif holder:
+            print(f"[{k}/{len(runs)}] {run['name']}: still running elsewhere ({holder}); left to that job", flush=True)
         else:
-            todo.append(run)
-    if args.jobs > 1:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            env = one_thread_env()
-            results = list(pool.map(lambda run: run_one(run, args, runner, env), todo))
-    else:
-        results = [run_one(run, args, runner) for run in todo]
-    failures = [f for f in results if f]
+            jobs.append(job_of(run, env, runner))
+    failures = report_failures(launch.launch(jobs, args, args.out / "submitit"))
     rows, problems = build_report(runs_dir, args.out, published=args.dataset == "ACDC" and not args.no_published,
                                   split=args.split)
     print(f"report: {args.out / 'results.md'}, {args.out / 'results.csv'} ({len(rows)} rows)")

@@ -44,12 +44,15 @@ SCRIPTS = (
     ("experiments/stage_networks.py", "build_parser", None),
     ("experiments/budget_curve.py", "build_parser", None),
     ("experiments/prostate_as_nnunet.py", "build_parser", None),
+    ("experiments/launch.py", "_parser", None),
     ("bench/bench_train.py", "bench_parser", None),
     ("bench/profile_step.py", "build_parser", None),
     ("bench/device_check.py", "build_parser", None),
     ("bench/bench_predict.py", "build_parser", None),
     ("bench/bench_read.py", "build_parser", None),
     ("bench/bench_dropout.py", "build_parser", None),
+    ("bench/bench_pool.py", "build_parser", None),
+    ("scripts/mutation_score.py", "build_parser", None),
 )
 
 HEADER = """# Flags of every script

@@ -7,6 +7,7 @@ synthetic data set in exactly the ACDC layout, so the suite still exercises ever
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 CODE = REPO / "code"
 if str(CODE) not in sys.path:
     sys.path.insert(0, str(CODE))
+# slice indexes of folders the tests did not write go to a fresh folder, never to ~/.cache/sscd
+os.environ["SSCD_CACHE_DIR"] = tempfile.mkdtemp(prefix="sscd_test_cache_")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,9 +41,12 @@ def load_script(relative):
 
 
 def shared_data_dir():
-    """The real-data folder named by SSCD_SHARED_DATA, or None when unset."""
+    """The real-data folder named by SSCD_SHARED_DATA, or None when unset (an error when
+    SSCD_REQUIRE_REAL_DATA=1, as CI sets it: there a real-data test may not be skipped)."""
     value = os.environ.get("SSCD_SHARED_DATA")
     if not value:
+        if os.environ.get("SSCD_REQUIRE_REAL_DATA") == "1":
+            raise RuntimeError("SSCD_REQUIRE_REAL_DATA=1 but SSCD_SHARED_DATA is not set")
         return None
     path = Path(value)
     if not path.is_dir():
@@ -87,3 +93,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def skip_without_real_data(root, what="real data"):
+    """Skip the calling test when ``root`` (a real-data fixture) is None: locally without
+    SSCD_SHARED_DATA only, never under SSCD_REQUIRE_REAL_DATA=1 (CI), where it fails instead."""
+    if root is not None:
+        return
+    if os.environ.get("SSCD_REQUIRE_REAL_DATA") == "1":
+        pytest.fail(f"{what}: SSCD_REQUIRE_REAL_DATA=1 forbids skipping a real-data test")
+    pytest.skip(f"{what} not available (set SSCD_SHARED_DATA)")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import skip_without_real_data
 from dataloaders.dataset import (
     ACDC_LABELED_SLICES,
     BatchStream,
@@ -24,8 +25,7 @@ SIZE = 32
 
 
 def test_acdc_table_matches_real_slice_list(real_acdc_root):
-    if real_acdc_root is None:
-        pytest.skip("real ACDC data not available (set SSCD_SHARED_DATA)")
+    skip_without_real_data(real_acdc_root, "real ACDC data")
     ids = read_list(real_acdc_root, "train_slices.list")
     assert len(ids) == 1312
     assert ACDC_LABELED_SLICES == {1: 32, 3: 68, 7: 136, 14: 256, 21: 396, 28: 512, 35: 664, 70: 1312}
@@ -154,7 +154,8 @@ def test_batch_stream_state_round_trip(train_data, aug_device):
     second.load_state_dict(state)
     assert second.batches == second.sampler.position == 3
     got = [next(second) for _ in range(2)]
-    if aug_device == "device":
+    assert all(same_slices(e, g) for e, g in zip(expected, got))  # batches 4 and 5
+    if aug_device == "device":  # and the same augmentation draws
         for e, g in zip(expected, got):
             assert all(torch.equal(e[k], g[k]) for k in e)
     with pytest.raises(RuntimeError, match="before the first batch"):
@@ -173,6 +174,19 @@ def test_two_stream_sampler_rejects_bad_sizes():
 # ------------------------------------------------------------------ batch streams
 
 
+def slice_signature(batch):
+    """Per sample, the class counts of its label: quarter turns and flips keep them, a free rotation
+    (nearest resampling) moves a few pixels at the borders; other slices differ by far more."""
+    return [torch.bincount(label.flatten(), minlength=4) for label in batch["label"]]
+
+
+def same_slices(a, b, tolerance=0.03):
+    """Whether two batches hold the same slices in the same order: every sample's class counts agree
+    within ``tolerance`` of its pixels."""
+    pixels = a["label"][0].numel()
+    return all(int((x - y).abs().max()) <= tolerance * pixels for x, y in zip(slice_signature(a), slice_signature(b)))
+
+
 def _first_batches(data, aug_device, strong, n=2):
     stream = data.stream(2, 3, "cpu", aug_device=aug_device, num_workers=0, strong=strong, seed=3)
     return list(itertools.islice(iter(stream), n))
@@ -183,6 +197,8 @@ def test_batch_stream_paths_agree(train_data, strong):
     device_batches = _first_batches(train_data, "device", strong)
     loader_batches = _first_batches(train_data, "loader", strong)
     keys = {"image", "label"} | ({"image_strong", "label_strong", "cutout"} if strong else set())
+    assert all(same_slices(d, l) for d, l in zip(device_batches, loader_batches))  # same slices, same order
+    assert not same_slices(device_batches[0], device_batches[1])  # the check tells other slices apart
     for d, l in zip(device_batches, loader_batches):
         assert set(d) == set(l) == keys
         for k in keys:

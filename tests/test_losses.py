@@ -89,13 +89,39 @@ def test_every_class_contributes_under_a_mask():
     assert dice_loss(probs, target, 4, mask=torch.ones(1, 2, 2)).item() == pytest.approx(0.5, abs=1e-5)
 
 
+def test_one_hot_dtype_and_shape_check():
+    assert one_hot(torch.tensor([[[0, 1]]]), 2).dtype == torch.float32
+    assert one_hot(torch.tensor([[[0, 1]]]), 2, torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"target must be \(B, H, W\), got \(2, 2\)"):
+        one_hot(torch.zeros(2, 2, dtype=torch.long), 2)
+
+
 def test_dice_checks_shapes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"probs has 2 channels, num_classes is 3"):
         dice_loss(PROBS, TARGET, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"target must be \(B, H, W\) = \(1, 2, 2\), got \(2, 2\)"):
         dice_loss(PROBS, TARGET[0], 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"mask must be \(B, H, W\) = \(1, 2, 2\), got \(1, 3, 2\)"):
         dice_loss(PROBS, TARGET, 2, mask=torch.ones(1, 3, 2))
+    with pytest.raises(ValueError, match=r"probs must be \(B, C, H, W\), got \(2, 2, 2\)"):
+        dice_loss(PROBS[0], TARGET, 2)
+
+
+def test_losses_keep_the_probabilities_dtype_whatever_the_masks():
+    """A float64 (or bool) mask weights the pixels without turning the float32 loss into float64."""
+    for mask in (torch.ones(1, 2, 2, dtype=torch.float64), torch.ones(1, 2, 2, dtype=torch.bool)):
+        assert dice_loss(PROBS, TARGET, 2, mask=mask).dtype == torch.float32
+        assert masked_ce(PROBS.log(), TARGET, mask).dtype == torch.float32
+
+
+def test_masked_ce_checks_shapes():
+    with pytest.raises(ValueError, match=r"expected logits \(B,C,H,W\) and target \(B,H,W\), got \(1, 2, 2, 2\), "
+                                         r"\(1, 1, 2, 2\)"):
+        masked_ce(PROBS, TARGET[None])  # a 4-D logits tensor and a 4-D target: one wrong is enough
+    with pytest.raises(ValueError, match=r"expected logits .* got \(2, 2, 2\), \(1, 2, 2\)"):
+        masked_ce(PROBS[0], TARGET)
+    with pytest.raises(ValueError, match=r"mask must be \(B, H, W\) = \(1, 2, 2\), got \(2, 2\)"):
+        masked_ce(PROBS, TARGET, torch.ones(2, 2))
 
 
 def test_masked_ce_hand_value():

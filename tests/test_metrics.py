@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import skip_without_real_data
 from utils.metrics import (
     binary_metrics,
     case_metrics,
@@ -229,8 +230,7 @@ def test_summarize_errors():
 
 def test_real_acdc_volume(real_acdc_root):
     """On a real val volume: a perfect prediction is perfect; deleting a class is penalised."""
-    if real_acdc_root is None:
-        pytest.skip("SSCD_SHARED_DATA not set")
+    skip_without_real_data(real_acdc_root, "real ACDC data")
     case = (real_acdc_root / "val.list").read_text().split()[0]
     with h5py.File(real_acdc_root / "data" / f"{case}.h5", "r") as f:
         gt = f["label"][:]
@@ -242,3 +242,44 @@ def test_real_acdc_volume(real_acdc_root):
     assert missed[0]["dice"] == 0.0
     assert missed[0]["hd95"] == pytest.approx(volume_diagonal(gt.shape))
     assert missed[1:] == perfect[1:]
+
+
+# ------------------------------------------------------------------ found by mutation testing (docs/mutation.md)
+
+def test_mask_errors_name_the_argument_and_its_values():
+    good = np.zeros((4, 4), bool)
+    with pytest.raises(ValueError, match=r"^pred must be a binary mask \(bool or 0/1\), got values \[0 2\]$"):
+        binary_metrics(np.array([[0, 2], [0, 0]]), good[:2, :2])
+    with pytest.raises(ValueError, match=r"^gt must be a binary mask \(bool or 0/1\), got values \[0 3\]$"):
+        binary_metrics(good[:2, :2], np.array([[0, 3], [0, 0]]))
+    many = np.arange(16).reshape(4, 4)  # the message lists the first 8 values only
+    with pytest.raises(ValueError, match=r"got values \[0 1 2 3 4 5 6 7\]$"):
+        binary_metrics(many, good)
+    with pytest.raises(ValueError, match=r"^gt_labels has labels in \[0, 5\], expected \[0, 4\)$"):
+        dice_per_class(np.zeros((2, 2), int), np.array([[0, 5], [0, 0]]), 4)
+
+
+def test_case_metrics_pass_the_spacing_on():
+    pred, gt = np.zeros((6, 6), int), np.zeros((6, 6), int)
+    pred[1:3, 1:3], gt[1:3, 3:5] = 1, 1  # two voxels apart along the second axis
+    voxels = case_metrics(pred, gt, 2)[0]
+    mm = case_metrics(pred, gt, 2, spacing=(1.0, 2.5))[0]
+    assert mm["hd95"] == pytest.approx(2.5 * voxels["hd95"]) and mm["dice"] == voxels["dice"] == 0.0
+
+
+def test_dice_per_class_fills_every_class_in_order():
+    pred = np.array([[0, 1, 1, 2], [3, 3, 3, 3]])
+    gt = np.array([[0, 1, 2, 2], [3, 3, 0, 0]])
+    # class 1: 2|{1}|/(2+1) = 2/3; class 2: 2*1/(1+2) = 2/3; class 3: 2*2/(4+2) = 2/3 ... make them differ:
+    gt[1] = [3, 0, 0, 0]  # class 3: 2*1/(4+1) = 0.4
+    assert dice_per_class(pred, gt, 4).tolist() == pytest.approx([2 / 3, 2 / 3, 0.4])
+    assert dice_per_class(pred, np.where(gt == 2, 0, gt), 4)[1] == 0.0  # class 2 absent from gt only
+
+
+def test_summarize_one_foreground_class():
+    one = {"dice": 0.5, "jaccard": 1 / 3, "hd95": 2.0, "asd": 1.0}
+    assert summarize([[one], [one]])["dice"] == {"per_class": [0.5], "mean": 0.5}
+    with pytest.raises(ValueError, match=r"got \[0, 0\]"):
+        summarize([[], []])
+    with pytest.raises(ValueError, match=r"^summarize needs at least one case, got an empty list$"):
+        summarize([])

@@ -16,9 +16,24 @@ def model():
     return build_model(4)
 
 
+def conv(c_in, c_out, k):
+    return k * k * c_in * c_out + c_out  # weights + bias
+
+
+def block(c_in, c_out):
+    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU: two convolutions, two BatchNorms (scale, shift)."""
+    return conv(c_in, c_out, 3) + 2 * c_out + conv(c_out, c_out, 3) + 2 * c_out
+
+
 def test_parameter_count_is_pymic_size(model):
-    total = sum(p.numel() for p in model.parameters())
-    assert abs(total - 1.8e6) <= 0.05 * 1.8e6, total
+    """Counted by hand from the PyMIC U-Net (16-32-64-128-256), for 4 classes: 1,821,840 (~1.8 M).
+    A missing, added or resized convolution anywhere changes it."""
+    c = (16, 32, 64, 128, 256)
+    encoder = block(1, c[0]) + sum(block(c[i], c[i + 1]) for i in range(4))
+    decoder = sum(conv(c[4 - i], c[3 - i], 1) + block(2 * c[3 - i], c[3 - i]) for i in range(4))
+    out, heads = conv(c[0], 4, 3), sum(conv(ch, 4, 3) for ch in (128, 64, 32))
+    assert encoder + decoder + out + heads == 1_821_840
+    assert sum(p.numel() for p in model.parameters()) == 1_821_840
     # the three heads are small 3x3 convolutions on top of the PyMIC body
     heads = sum(p.numel() for p in model.heads.parameters())
     assert heads == sum(9 * ch * 4 + 4 for ch in (128, 64, 32))

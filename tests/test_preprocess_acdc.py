@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import skip_without_real_data
 from dataloaders.preprocess_acdc import main, minmax_normalize, preprocess_acdc, slice_id
 
 SCRIPT = Path(__file__).resolve().parents[1] / "code" / "dataloaders" / "preprocess_acdc.py"
@@ -224,8 +225,7 @@ def test_cli(raw, tmp_path):
 
 def test_real_slice_numbering_matches(real_acdc_root):
     """The released train_slices.list numbers each volume's slices 1..D, the convention written here."""
-    if real_acdc_root is None:
-        pytest.skip("SSCD_SHARED_DATA not set")
+    skip_without_real_data(real_acdc_root, "real ACDC data")
     indices = {}
     for sid in read_list(real_acdc_root / "train_slices.list"):
         volume, k = sid.rsplit("_slice_", 1)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import skip_without_real_data
 from dataloaders.preprocess_promise12 import (
     convention_splits,
     equalize_slice,
@@ -298,15 +299,14 @@ def test_rerun_is_byte_identical(raw, tmp_path):
     first = snapshot()
     preprocess_promise12(raw, out, image_size=24, clahe=True)
     second = snapshot()
-    assert len(first) == 2 + 3 + 4 + 1  # volumes, slices, lists, dataset.json
+    assert len(first) == 2 + 3 + 4 + 1 + 1  # volumes, slices, lists, dataset.json, slice_index.npz
     assert first == second
     arrays = [read_h5(out / "data" / "Case37.h5") for _ in range(2)]
     np.testing.assert_array_equal(arrays[0][0], arrays[1][0])
 
 
 def test_real_prostate_two_cases(real_prostate_root, tmp_path, caplog):
-    if real_prostate_root is None:
-        pytest.skip("SSCD_SHARED_DATA not set: this test is about the real prostate files only")
+    skip_without_real_data(real_prostate_root, "real prostate data")
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
         summary = preprocess_promise12(real_prostate_root, out, image_size=64, cases=["Case00", "Case02"])
@@ -324,3 +324,105 @@ def test_real_prostate_two_cases(real_prostate_root, tmp_path, caplog):
         np.testing.assert_allclose(meta["spacing"], spacing, rtol=1e-6)
         assert meta["orig_size"] == (320, 320, depth)
     assert len((out / "train_slices.list").read_text().split()) == 15
+
+
+# ------------------------------------------------------------------ found by mutation testing (docs/mutation.md)
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: resize_slices(np.zeros((4, 4)), (2, 2), 0), r"^resize_slices expects a \(D, H, W\) array, got shape \(4, 4\)$"),
+    (lambda: resize_slices(np.zeros((1, 4, 4)), (2, 0), 0), r"^resize_slices: output size must be positive, got \(2, 0\)$"),
+    (lambda: resize_slices(np.zeros((1, 4, 4)), (0, 2), 0), r"^resize_slices: output size must be positive, got \(0, 2\)$"),
+    (lambda: restore_original_geometry(np.zeros((4, 4)), {"orig_size": (4, 4, 1)}),
+     r"^restore_original_geometry expects a \(D, S, S\) array, got shape \(4, 4\)$"),
+    (lambda: restore_original_geometry(np.zeros((1, 4, 4)), {}), r"^restore_original_geometry: meta has no 'orig_size'"),
+    (lambda: restore_original_geometry(np.zeros((1, 4, 4)), {"orig_size": (4, 4, 1), "slice_axis": 3}),
+     r"^meta\['slice_axis'\] must be 0, 1 or 2, got 3$"),
+    (lambda: write_label_image(np.zeros((4, 4)), None, "x.nii.gz"), r"^write_label_image expects a \(D, H, W\) array"),
+    (lambda: write_label_image(np.full((1, 2, 2), 256), None, "x.nii.gz"),
+     r"^write_label_image: labels must be integers in \[0, 255\]$"),
+    (lambda: write_label_image(np.full((1, 2, 2), 1.5), None, "x.nii.gz"), r"labels must be integers in \[0, 255\]$"),
+    (lambda: write_label_image(np.zeros((1, 2, 2)), {"orig_size": (2, 2, 1), "origin": (0, 0, 0), "direction": (1, 0, 0, 0, 1, 0, 0, 0, 1)},
+                               "x.nii.gz"), r"^write_label_image: meta has 'orig_size' but no 'orig_spacing'$"),
+] + [(lambda key=key, n=n: restore_original_geometry(np.zeros((1, 4, 4)), {"orig_size": (4, 4, 1), key: (1.0,) * (n - 1)}),
+      rf"^meta\['{key}'\] must have {n} values, got {n - 1}$")
+     for key, n in (("spacing", 3), ("orig_spacing", 3), ("origin", 3), ("direction", 9))])
+def test_geometry_checks_say_what_is_wrong(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_label_image_bounds_dtype_compression_and_folders(tmp_path):
+    path = write_label_image(np.full((1, 2, 3), 255, dtype=np.int64), None, tmp_path / "new" / "dir" / "l.nii.gz")
+    written = sitk.ReadImage(str(path))
+    assert written.GetPixelID() == sitk.sitkUInt8 and int(sitk.GetArrayFromImage(written).max()) == 255
+    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip-compressed, as its ending says
+
+
+def test_restore_along_each_slice_axis():
+    pred = np.arange(2 * 4 * 4).reshape(2, 4, 4) % 3
+    for axis, size in ((0, (2, 6, 4)), (1, (6, 2, 4)), (2, (6, 4, 2))):
+        restored = restore_original_geometry(pred, {"orig_size": size, "slice_axis": axis})
+        assert restored.shape == tuple(reversed(size))
+
+
+def test_stored_sizes_load_as_integers(tmp_path):
+    import h5py
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        f.attrs["orig_size"] = np.array([40.0, 36.0, 5.0])
+        f.attrs["slice_axis"] = np.array([1.0])
+        f.attrs["spacing"] = np.array([3, 1, 1])
+    meta = load_volume_meta(tmp_path / "v.h5")
+    assert meta["orig_size"] == (40, 36, 5) and all(type(v) is int for v in meta["orig_size"])
+    assert meta["slice_axis"] == 1 and meta["spacing"] == (3.0, 1.0, 1.0) and type(meta["spacing"][0]) is float
+    with pytest.raises(FileNotFoundError, match=r"^load_volume_meta: no such file .*missing.h5$"):
+        load_volume_meta(tmp_path / "missing.h5")
+
+
+def test_geometry_mismatch_message_shows_six_digits():
+    from utils.geometry import check_geometry
+    image, label = sitk.Image(4, 4, 2, sitk.sitkUInt8), sitk.Image(4, 4, 2, sitk.sitkUInt8)
+    label.SetSpacing((0.8, 0.9, 3.0))
+    with pytest.raises(ValueError, match=r"^lab: spacing \(0.8, 0.9, 3\) differs from the image's \(1, 1, 1\) "
+                                         r"\(tolerance 0.001; img\)$"):
+        check_geometry(image, label, "img", "lab")
+
+
+# ------------------------------------------------------------------ geometry edges (docs/mutation.md)
+
+def test_resize_to_one_pixel_wide_or_high_is_allowed():
+    volume = np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6)
+    assert resize_slices(volume, (4, 1), order=0).shape == (2, 4, 1)
+    assert resize_slices(volume, (1, 6), order=0).shape == (2, 1, 6)
+    with pytest.raises(ValueError, match="output size must be positive"):
+        resize_slices(volume, (4, 0), order=0)
+
+
+def test_label_geometry_may_differ_by_exactly_the_tolerance():
+    from utils.geometry import GEOMETRY_TOLERANCE, check_geometry
+    image = sitk.Image(4, 4, 2, sitk.sitkUInt8)
+    label = sitk.Image(4, 4, 2, sitk.sitkUInt8)
+    label.SetOrigin((GEOMETRY_TOLERANCE, 0.0, 0.0))
+    check_geometry(image, label, "img.nii.gz", "lab.nii.gz")  # exactly at the tolerance: accepted
+    label.SetOrigin((2 * GEOMETRY_TOLERANCE, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"^lab\.nii\.gz: origin \(0\.002, 0, 0\) differs"):
+        check_geometry(image, label, "img.nii.gz", "lab.nii.gz")
+
+
+def test_write_label_image_checks_orig_size_length_first(tmp_path):
+    from utils.geometry import write_label_image
+    meta = {"orig_size": (4, 4), "orig_spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
+            "direction": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)}
+    with pytest.raises(ValueError, match=r"^meta\['orig_size'\] must have 3 values, got 2$"):
+        write_label_image(np.zeros((2, 4, 4), np.uint8), meta, tmp_path / "p.nii.gz")
+
+
+def test_written_labels_are_compressed_in_every_format(tmp_path):
+    """A .mha / .nrrd prediction is stored compressed, as a .nii.gz one is (SimpleITK writes these raw
+    unless asked); the voxels read back unchanged."""
+    from utils.geometry import write_label_image
+    pred = np.zeros((8, 32, 32), np.uint8)
+    pred[2:6, 8:24, 8:24] = 1
+    for name, marker in (("p.mha", b"CompressedData = True"), ("p.nrrd", b"encoding: gzip")):
+        path = write_label_image(pred, {}, tmp_path / name)
+        assert marker in path.read_bytes()[:1000], name
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), pred)

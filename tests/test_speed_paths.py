@@ -120,11 +120,18 @@ def loss_and_grad(forward, model, x, y):
     return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+# measured (loss relative error, gradient cosine) on the CPU kinds this project meets, one thread:
+#   bf16: AMD EPYC AVX2 5.6e-5 / 0.962, AMD EPYC Zen 4 AVX-512 2e-6 / 0.97, Intel Xeon AMX 5.4e-5 / 0.962
+#   fp16: AVX2 5.8e-6 / 0.9953, AVX-512 1e-6 / 0.997
+# spread of the cosine over those kernels: 0.008 (bf16), 0.002 (fp16). Each bound below clears the worst
+# measurement by several times that spread and still fails a gradient that points elsewhere.
+AMP_BOUNDS = {"bf16": (1e-3, 0.90), "fp16": (1e-4, 0.98)}
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_loss_close_to_fp32(amp):
-    """Autocast on the CPU: float32 outputs, the loss within 1e-3 (relative) of fp32 (measured:
-    2e-6 bf16, 1e-6 fp16), the gradient pointing the same way (cosine > 0.95; measured 0.97 bf16,
-    0.997 fp16: bf16 keeps 8 mantissa bits)."""
+    """Autocast on the CPU: float32 outputs, the loss and the gradient near fp32's (``AMP_BOUNDS``:
+    bf16 keeps 8 mantissa bits, so its gradient's cosine to fp32's is ~0.96 on every CPU kind)."""
     x, y = fixed_batch()
     model = model_in_train_mode()
     ref_loss, ref_grad = loss_and_grad(Forward(model), model, x, y)
@@ -133,8 +140,9 @@ def test_amp_loss_close_to_fp32(amp):
     with torch.autocast("cpu", dtype=utils.run.AMP_DTYPES[amp]):
         assert model(x).dtype == utils.run.AMP_DTYPES[amp]  # the network itself ran in low precision
     loss, grad = loss_and_grad(forward, model, x, y)
-    assert float((loss - ref_loss).abs() / ref_loss) < 1e-3
-    assert float(F.cosine_similarity(grad, ref_grad, dim=0)) > 0.95
+    loss_bound, cosine_bound = AMP_BOUNDS[amp]
+    assert float((loss - ref_loss).abs() / ref_loss) < loss_bound
+    assert float(F.cosine_similarity(grad, ref_grad, dim=0)) > cosine_bound
 
 
 def relative_error(a, b):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from conftest import skip_without_real_data
 from dataloaders.synthetic import (
     MARKER,
     SPACING,
@@ -183,8 +184,7 @@ def test_cli(tmp_path):
 
 def test_matches_real_layout(real_acdc_root, default_set):
     """The synthetic files have the keys, dtypes and dimensionality of the real processed ACDC."""
-    if real_acdc_root is None:
-        pytest.skip("SSCD_SHARED_DATA not set")
+    skip_without_real_data(real_acdc_root, "real ACDC data")
     real_slice = read_list(real_acdc_root / "train_slices.list")[0]
     real_volume = read_list(real_acdc_root / "val.list")[0]
     pairs = [

@@ -36,8 +36,12 @@ Splits: ``--val_cases`` / ``--test_cases`` (comma-separated case ids), or ``--sp
 ``--seed``) that is printed and written to dataset.json. The train order is a seeded permutation
 (or ``--train_order FILE``, one case per line).
 
-Every case is read and checked before anything is written; the output is built in a temporary
-sibling folder and swapped in; an ``--out`` made with other settings is refused unless ``--overwrite``.
+Every header is checked (geometry, slice axis, data sizes) before anything is written, every voxel while
+its case is written (``--workers N`` cases at a time, one case in memory per process). The output is
+built in ``.<out>.partial`` beside ``--out`` and swapped in when complete, so a failed conversion leaves
+``--out`` as it was; an interrupted one is resumed by the same command (the cases already written and
+verified are kept, ``dataloaders.conversion``). An ``--out`` made with other settings is refused unless
+``--overwrite``. ``slice_index.npz`` holds what training start-up needs from every slice.
 """
 import argparse
 import json
@@ -48,18 +52,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
 
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
-from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES,  # noqa: E402
-                                   blank_reason, geometry_meta, image_ending, preprocess_image, preprocess_label,
-                                   read_image, slice_axis)
+from dataloaders.conversion import PartialFolder, describe_change, run_jobs  # noqa: E402
+from dataloaders.slice_index import stack_counts, write_root_index  # noqa: E402
+from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES, check_image_header,  # noqa: E402
+                                   image_ending, slice_axis)
 from utils.errors import run_cli  # noqa: E402
-from utils.geometry import check_geometry, check_single_channel_3d, resized_spacing  # noqa: E402
+from utils.geometry import check_geometry  # noqa: E402
 
 LOGGER = logging.getLogger("convert_dataset")
 FORMAT = "sscd-converted-v1"
@@ -217,45 +221,6 @@ def discover(input_dir, unlabeled_dir=None):
     return cases, classes, info
 
 
-def label_values(label, path):
-    """The sorted distinct values of a label image; ValueError unless they are non-negative integers."""
-    values = np.unique(sitk.GetArrayViewFromImage(label))
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        raise ValueError(f"{path}: label holds non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
-                         f"expected class indices")
-    if values.size and values.min() < 0:
-        raise ValueError(f"{path}: label holds negative values ({values.min():g}); expected class indices >= 0")
-    if values.size and values.max() > 255:
-        raise ValueError(f"{path}: label holds the value {values.max():g}; expected class indices 0..255")
-    return values.astype(np.int64)
-
-
-def check_case(entry, rule):
-    """Read and check one case; returns (its label values or None when unlabeled, its slice axis under
-    the --slice_axis ``rule``)."""
-    image = read_image(entry["image"])
-    check_single_channel_3d(image, entry["image"])
-    try:
-        axis = slice_axis(image.GetSpacing(), rule, image.GetSize())
-    except ValueError as err:
-        raise ValueError(f"{entry['image']}: {err}") from None
-    array = sitk.GetArrayViewFromImage(image)
-    constant = array.size and array.min() == array.max()
-    values = None
-    if entry["label"] is not None:
-        label = read_image(entry["label"])
-        check_single_channel_3d(label, entry["label"])
-        check_geometry(image, label, entry["image"], entry["label"])
-        values = label_values(label, entry["label"])
-        if constant and values.max(initial=0) > 0:
-            raise ValueError(f"{entry['image']}: constant image (every voxel {float(array.min()):g}) with foreground "
-                             f"in {entry['label']}; expected an image with contrast for a labeled case")
-    if constant:
-        LOGGER.warning("%s: constant image (every voxel %g): its slices are zeros and carry no information",
-                       entry["image"], float(array.min()))
-    return values, axis
-
-
 def warn_mixed_axes(axes):
     """Warn when the cases of one data set are cut along different axes ({case: axis})."""
     by_axis = {}
@@ -366,35 +331,6 @@ def train_order(train, args):
     return [sorted(train)[i] for i in rng.permutation(len(train))]
 
 
-def write_slice_h5(path, image, label=None, attrs=None):
-    """Write 'image' (and 'label' when given: unlabeled slices have none) atomically."""
-    import h5py
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("image", data=image)
-        if label is not None:
-            f.create_dataset("label", data=label)
-        for key, value in (attrs or {}).items():
-            f.attrs[key] = value
-    os.replace(tmp, path)
-
-
-def stored_attrs(image, axis, size):
-    """Geometry attributes of a stored volume (``utils.geometry``): the source grid, the slice axis
-    and the spacing (array order) of the stored (D, S, S) grid."""
-    meta = geometry_meta(image, axis)
-    zyx = list(reversed(meta["orig_spacing"]))
-    depth_spacing = zyx.pop(2 - axis)
-    size_zyx = list(reversed(meta["orig_size"]))
-    size_zyx.pop(2 - axis)
-    in_plane = resized_spacing((zyx[1], zyx[0], depth_spacing), (size_zyx[1], size_zyx[0], 1), (size, size))
-    attrs = {k: np.asarray(v, dtype=np.int64 if k in ("orig_size", "slice_axis") else np.float64)
-             for k, v in meta.items()}
-    attrs.update({"spacing": np.asarray(in_plane, dtype=np.float64), "image_size": np.int64(size)})
-    return attrs
-
-
 def check_output_folder(out, summary, overwrite):
     """Refuse an ``out`` that is not empty and not a conversion with the same settings, unless
     ``overwrite`` (and never a folder this script did not make)."""
@@ -416,7 +352,8 @@ def check_output_folder(out, summary, overwrite):
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise FileExistsError(f"--out {out}: holds entries the converter did not write ({shown}); a new conversion "
                               f"replaces the whole folder: move them out, or choose another --out")
-    changed = [k for k in SETTINGS if old.get(k) != summary.get(k)]
+    changed = [k for k in SETTINGS if old.get(k) != summary.get(k)
+               and not (k == "classes" and summary.get(k) is None)]  # classes the voxels decide: checked at the end
     if changed and not overwrite:
         raise FileExistsError(f"--out {out} holds a conversion made with other settings "
                               f"({'; '.join(describe_change(k, old.get(k), summary.get(k)) for k in changed)}); "
@@ -425,7 +362,8 @@ def check_output_folder(out, summary, overwrite):
         LOGGER.warning("--overwrite: replacing %s (%s changed)", out, ", ".join(changed))
 
 
-OUTPUT_FILES = ("dataset.json", "train.list", "val.list", "test.list", "unlabeled.list", "train_slices.list")
+OUTPUT_FILES = ("dataset.json", "train.list", "val.list", "test.list", "unlabeled.list", "train_slices.list",
+                "slice_index.npz")
 
 
 def foreign_entries(out):
@@ -470,64 +408,32 @@ def _alive(pid):
     return pid != 0
 
 
-def describe_change(key, before, after):
-    """'preprocessing.size: 32 there, 64 now' (the differing entries of a dict setting, else the values)."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        keys = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
-        return ", ".join(f"{key}.{k}: {before.get(k)!r} there, {after.get(k)!r} now" for k in keys)
-    return f"{key}: {before!r} there, {after!r} now"
+def check_headers(cases, rule):
+    """{case: slice axis} from the headers alone (no voxel is read): every image and label a readable
+    3-D single-channel file of the size its header gives, each label on its image's grid."""
+    axes = {}
+    for case in tqdm(sorted(cases), desc="headers", unit="case", disable=not sys.stderr.isatty()):
+        entry = cases[case]
+        image = check_image_header(entry["image"])
+        try:
+            axes[case] = slice_axis(image.GetSpacing(), rule, image.GetSize())
+        except ValueError as err:
+            raise ValueError(f"{entry['image']}: {err}") from None
+        if entry["label"] is not None:
+            check_geometry(image, check_image_header(entry["label"]), entry["image"], entry["label"])
+    return axes
 
 
-def _write_case(folder, case, entry, split, recipe):
-    """Write one case's volume (labeled) and, for training cases, its slices; returns the slice ids."""
-    image = read_image(entry["image"])
-    volume, axis = preprocess_image(image, recipe, entry["image"])
-    blank = blank_reason(image, volume)
-    if blank and not blank.startswith("constant"):  # constant images were named by the check
-        LOGGER.warning("%s: %s: its slices are zeros and carry no information", entry["image"], blank)
-    size = recipe["size"]
-    label = None
-    if entry["label"] is not None:
-        label = preprocess_label(sitk.GetArrayFromImage(read_image(entry["label"])), axis, size)
-        write_slice_h5(folder / "data" / f"{case}.h5", volume, label, stored_attrs(image, axis, size))
-    if split not in ("train", "unlabeled"):
-        return []
-    ids = []
-    for k in range(volume.shape[0]):
-        ids.append(f"{case}_slice_{k}")
-        write_slice_h5(folder / "data" / "slices" / f"{ids[-1]}.h5", volume[k], None if label is None else label[k])
-    return ids
-
-
-def _write_dataset(folder, cases, summary):
-    """Every case, the lists and dataset.json into ``folder``."""
-    (folder / "data" / "slices").mkdir(parents=True)
-    splits, recipe = summary["splits"], summary["preprocessing"]
-    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]]
-    ordered += [("unlabeled", c) for c in summary["unlabeled"]]
-    slices = {"train": [], "unlabeled": []}
-    for split, case in tqdm(ordered, desc="converting", unit="case", disable=not sys.stderr.isatty()):
-        ids = _write_case(folder, case, cases[case], split, recipe)
-        if ids:
-            slices[split].extend(ids)
-    for name in ("train", "val", "test"):
-        write_lines(folder / f"{name}.list", splits[name])
-    write_lines(folder / "unlabeled.list", summary["unlabeled"])
-    write_lines(folder / "train_slices.list", slices["train"] + slices["unlabeled"])
-    summary.update({"num_labeled_slices": len(slices["train"]), "num_unlabeled_slices": len(slices["unlabeled"])})
-    (folder / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def convert_dataset(args):
-    """Convert ``args.input`` (+ ``args.unlabeled``) into ``args.out``; returns the dataset.json dict."""
+def plan(args):
+    """(cases, the dataset.json summary without what the voxels decide) from the flags and headers."""
     if args.image_size < 16 or args.image_size % 16:
         raise ValueError(f"--image_size {args.image_size}: expected a positive multiple of 16 (the network's input)")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: expected 1 or more processes")
     cases, classes, info = discover(args.input, args.unlabeled)
-    values, axes = {}, {}
-    for case in tqdm(sorted(cases), desc="checking", unit="case", disable=not sys.stderr.isatty()):
-        values[case], axes[case] = check_case(cases[case], args.slice_axis)  # every case, before anything is written
-    warn_mixed_axes(axes)
-    classes = resolve_classes(classes, args.class_names, values, cases)
+    warn_mixed_axes(check_headers(cases, args.slice_axis))
+    if args.class_names:  # the names are known now; a clash with dataset.json is refused before any work
+        classes = resolve_classes(classes, args.class_names, {}, cases)
     labeled = sorted(c for c in cases if cases[c]["label"] is not None)
     if not labeled:
         raise ValueError(f"--input {args.input}: no case has a label; training needs labeled cases")
@@ -537,23 +443,71 @@ def convert_dataset(args):
     summary = {
         "format": FORMAT, **info, "source": str(Path(args.input).resolve()),
         "unlabeled_source": str(Path(args.unlabeled).resolve()) if args.unlabeled else None,
-        "classes": classes, "num_classes": len(classes), "input_channels": 1, "image_size": int(args.image_size),
-        "preprocessing": recipe, "splits": splits, "split_source": how,
+        "classes": classes, "num_classes": len(classes) if classes else None, "input_channels": 1,
+        "image_size": int(args.image_size), "preprocessing": recipe, "splits": splits, "split_source": how,
         "unlabeled": sorted(c for c in cases if cases[c]["label"] is None),
     }
+    return cases, summary
+
+
+def convert_dataset(args):
+    """Convert ``args.input`` (+ ``args.unlabeled``) into ``args.out``; returns the dataset.json dict."""
+    cases, summary = plan(args)
     out = Path(args.out)
-    check_output_folder(out, summary, args.overwrite)
+    check_output_folder(out, summary, args.overwrite)  # (the classes, if the voxels decide them, at the end)
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in remove_stale_work_folders(out):
         LOGGER.warning("removed %s, left by a conversion that was killed", out.parent / name)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = PartialFolder(out, {"format": FORMAT, "preprocessing": summary["preprocessing"]}, args.overwrite)
     try:
-        _write_dataset(partial, cases, summary)
-        _swap_in(partial, out)
+        records = convert_cases(partial, cases, summary, args.workers)
+        values = {case: None if r["values"] is None else np.asarray(r["values"]) for case, r in records.items()}
+        summary["classes"] = resolve_classes(summary["classes"], args.class_names, values, cases)
+        summary["num_classes"] = len(summary["classes"])
+        check_output_folder(out, summary, args.overwrite)
+        write_outputs(partial, summary, records)
+        _swap_in(partial.path, out)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        partial.release()
     return summary
+
+
+def convert_cases(partial, cases, summary, workers):
+    """Every case converted (or kept from an interrupted conversion) into the partial folder, in
+    ``workers`` processes; returns the records by case (logged: their warnings, what was kept)."""
+    splits = summary["splits"]
+    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]] + [("unlabeled", c) for c in summary["unlabeled"]]
+    jobs = [{"folder": str(partial.path), "case": case, "split": split, "recipe": summary["preprocessing"],
+             "entry": {k: None if v is None else str(v) for k, v in cases[case].items()},
+             "record": partial.records.get(case)} for split, case in ordered]
+    progress = tqdm(total=len(jobs), desc="converting", unit="case", disable=not sys.stderr.isatty())
+    records = run_jobs(jobs, workers, on_done=lambda record: progress.update())
+    progress.close()
+    kept = sum(r["kept"] for r in records.values())
+    if partial.records:
+        LOGGER.info("resumed an interrupted conversion: kept %d of %d cases already written and verified, "
+                    "converted %d", kept, len(jobs), len(jobs) - kept)
+    for split, case in ordered:
+        for warning in records[case]["warnings"]:
+            LOGGER.warning("%s", warning)
+    return {case: records[case] for _, case in ordered}
+
+
+def write_outputs(partial, summary, records):
+    """The lists, the slice index and dataset.json of a conversion whose cases are all written."""
+    folder, splits = partial.path, summary["splits"]
+    labeled_slices = [s for c in splits["train"] for s in records[c]["slices"]]
+    unlabeled_slices = [s for c in summary["unlabeled"] for s in records[c]["slices"]]
+    for name in ("train", "val", "test"):
+        write_lines(folder / f"{name}.list", splits[name])
+    write_lines(folder / "unlabeled.list", summary["unlabeled"])
+    write_lines(folder / "train_slices.list", labeled_slices + unlabeled_slices)
+    rows = [np.asarray(n) if n is not None else None
+            for c in splits["train"] + summary["unlabeled"] for n in records[c]["counts"]]
+    write_root_index(folder, [r is not None for r in rows], stack_counts(rows), (summary["image_size"],) * 2)
+    summary.update({"num_labeled_slices": len(labeled_slices), "num_unlabeled_slices": len(unlabeled_slices)})
+    (folder / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
+    partial.finish([name for r in records.values() for name in r["files"]])
 
 
 def parser():
@@ -573,7 +527,10 @@ def parser():
     p.add_argument("--val_fraction", type=float, default=0.2, help="seeded split: fraction of labeled cases for val")
     p.add_argument("--train_order", default=None, help="file: the labeled training cases in --labelnum order")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the train order")
-    p.add_argument("--overwrite", action="store_true", help="replace an --out converted with other settings")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out converted with other settings (and "
+                   "discard an interrupted conversion made with other settings)")
+    p.add_argument("--workers", type=int, default=1, help="processes converting cases in parallel (each holds one "
+                   "case in memory)")
     return p
 
 

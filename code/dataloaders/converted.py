@@ -9,9 +9,7 @@ cases in ``unlabeled.list``, whose h5 files hold no 'label' (``SliceCache`` read
 import json
 from pathlib import Path
 
-import torch
-
-from dataloaders.dataset import SliceCache, TrainData, check_root, read_list
+from dataloaders.dataset import TrainData, check_class_counts, check_root, make_source, read_list
 
 FORMAT = "sscd-converted-v1"
 
@@ -58,24 +56,24 @@ class ConvertedTrainData(TrainData):
     """``TrainData`` of a converted folder: ``labeled`` / ``unlabeled`` index lists into ``cache``
     (labeled slices first); label-less slices carry the UNLABELED placeholder, never a file's label."""
 
-    def __init__(self, root, labelnum, image_size, num_classes):
+    def __init__(self, root, labelnum, image_size, num_classes, data_cache="memory"):
         root = check_root(root)
         read_dataset_info(root)
         ids = read_list(root, "train_slices.list")
         chosen = set(labeled_cases(root, labelnum))
         labelless = set(optional_list(root, "unlabeled.list"))
-        labeled_ids = [s for s in ids if case_of_slice(s) in chosen]
-        pool_ids = [s for s in ids if case_of_slice(s) not in chosen]
+        rows = {"labeled": [], "pool": []}
+        for i, s in enumerate(ids):
+            rows["labeled" if case_of_slice(s) in chosen else "pool"].append(i)
+        order = rows["labeled"] + rows["pool"]  # positions in train_slices.list (the index's rows)
         self.labeled_case_ids = [c for c in read_list(root, "train.list") if c in chosen]
-        self.cache = SliceCache(root, labeled_ids + pool_ids, image_size, num_classes,
-                                unlabeled=[s for s in pool_ids if case_of_slice(s) in labelless])
-        self.labeled = list(range(len(labeled_ids)))
-        self.unlabeled = list(range(len(labeled_ids), len(ids)))
-        with_label = [i for i, s in enumerate(labeled_ids + pool_ids) if case_of_slice(s) not in labelless]
-        counts = torch.bincount(self.cache.labels[with_label].flatten().long(), minlength=num_classes)
-        absent = [k for k in range(num_classes) if counts[k] == 0]
-        if absent:
-            raise ValueError(f"{root / 'dataset.json'}: class(es) {absent} occur in none of the labeled training "
-                             f"slices; expected every class 0..{num_classes - 1} to occur")
-        labeled = torch.bincount(self.cache.labels[: len(labeled_ids)].flatten().long(), minlength=num_classes)
+        self.cache, index = make_source(root, ids, image_size, num_classes, data_cache,
+                                        unlabeled=[s for s in ids if case_of_slice(s) in labelless], order=order)
+        self.labeled = list(range(len(rows["labeled"])))
+        self.unlabeled = list(range(len(rows["labeled"]), len(ids)))
+        self.labelnum, self.list_path = labelnum, root / "train_slices.list"
+        check_class_counts(index, range(len(ids)), num_classes, self.cache.ids, root, data_cache,
+                           f"{root / 'dataset.json'}: class(es) {{absent}} occur in none of the labeled training "
+                           f"slices; expected every class 0..{num_classes - 1} to occur")
+        labeled = index.class_totals(self.labeled, num_classes)
         self.absent_in_labeled = [k for k in range(num_classes) if labeled[k] == 0]

@@ -38,6 +38,7 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:  # run as a script: code/ holds the dataloaders package
     sys.path.insert(0, CODE_DIR)
 from dataloaders.image_check import read_image  # noqa: E402
+from dataloaders.slice_index import index_folder  # noqa: E402
 
 VALID_LABELS = (0, 1, 2, 3)
 SPLIT_LISTS = ("train.list", "val.list", "test.list")
@@ -202,6 +203,7 @@ def preprocess_acdc(raw, out, splits=None):
         train_slices = canonical_slices
     for name, ids in {**lists, SLICES_LIST: train_slices}.items():
         (out / name).write_text("".join(f"{i}\n" for i in ids))
+    index_folder(out)
     return {
         "out": str(out),
         "volumes": len(cases),

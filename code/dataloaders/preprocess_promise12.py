@@ -51,6 +51,7 @@ CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
 from dataloaders.image_check import read_image  # noqa: E402
+from dataloaders.slice_index import index_folder  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.geometry import check_geometry, check_single_channel_3d, resize_slices, resized_spacing  # noqa: E402
 
@@ -368,6 +369,7 @@ def _write_dataset(folder, ordered, files, splits, summary, image_size, clahe):
     for name in SPLITS:
         write_lines(folder / f"{name}.list", splits[name])
     write_lines(folder / "train_slices.list", train_slices)
+    index_folder(folder)
     info = {**summary, "num_train_slices": len(train_slices)}
     (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
     return len(train_slices)

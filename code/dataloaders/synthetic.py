@@ -37,6 +37,7 @@ from scipy import ndimage
 if __package__ in (None, ""):  # run as a script: make code/ importable, as the scripts there do
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloaders.preprocess_acdc import minmax_normalize, slice_id  # noqa: E402
+from dataloaders.slice_index import index_folder  # noqa: E402
 
 RV, MYO, LV = 1, 2, 3
 MARKER = "SYNTHETIC"
@@ -243,6 +244,7 @@ def make_synthetic_acdc(
                     lists["train_slices.list"].append(slice_id(volume, k))
     for name, ids in lists.items():
         (root / name).write_text("".join(f"{i}\n" for i in ids))
+    index_folder(root)
     (root / MARKER).write_text(json.dumps(params))
     return root
 

@@ -48,7 +48,8 @@ def image_ending(name):
 
 def check_image_header(path):
     """Read only the header of ``path`` (and its data file's size): ValueError unless a readable 3-D
-    single-channel image whose data are as long as its header says."""
+    single-channel image whose data are as long as its header says. Returns the ``ImageFileReader``
+    (``GetSize``, ``GetSpacing``, ``GetOrigin``, ``GetDirection`` as an image's)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -65,6 +66,7 @@ def check_image_header(path):
         raise ValueError(f"{path}: not a readable image ({itk_cause(failure, printed, lay)})") from None
     check_shape(reader.GetDimension(), reader.GetNumberOfComponents(), reader.GetSize(), path)
     check_grid(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+    return reader
 
 
 def check_recipe(recipe):

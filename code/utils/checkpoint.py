@@ -9,6 +9,7 @@ so a checkpoint from elsewhere cannot execute code.
 import io
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -90,11 +91,15 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def _load_cause(err):
-    """The first line of torch.load's error that is not advice to re-run with
-    ``weights_only=False``: that would switch off the very check that keeps a crafted checkpoint
-    from executing code."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    keep = [line for line in lines if "weights_only" not in line and not line.startswith("Check the documentation")]
+    """The part of torch.load's error that says what is wrong with the file: the unpickler's own
+    complaint ('Unsupported global: GLOBAL argparse.Namespace ...') where there is one, else its first
+    line. Never the advice to re-run with ``weights_only=False``: that would switch off the very check
+    that keeps a crafted checkpoint from executing code."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
+    keep = [line for line in lines if line and "weights_only" not in line and not line.startswith("Check the documentation")]
     return (keep or [type(err).__name__])[0].split(". This is an internal")[0]
 
 

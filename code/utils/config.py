@@ -39,7 +39,13 @@ def base_parser(description, dataset, num_classes, labelnum):
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--aug_device", choices=["device", "loader"], default="device",
                    help="augment batched on --device, or per sample in DataLoader workers")
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers (with --aug_device loader)")
+    p.add_argument("--num_workers", type=int, default=2,
+                   help="DataLoader workers: they augment (--aug_device loader) or read the batches ahead from disk "
+                        "(--data_cache disk); 0: in the training process")
+    p.add_argument("--data_cache", choices=["auto", "memory", "disk"], default="auto",
+                   help="memory: every training slice is read at start-up and kept (in GPU memory with --aug_device "
+                        "device); disk: slices are read when a batch needs them, so memory and start-up do not grow "
+                        "with the pool; auto: memory where the pool fits (docs/own_data.md#large-unlabeled-pools)")
     p.add_argument("--deterministic", type=int, default=None, choices=[0, 1],
                    help="1: cuDNN deterministic algorithms, no autotuning (and torch's deterministic algorithms on "
                         "CUDA; CUDA training is still not bit-identical: docs/gpu.md); default: 0 on CUDA, 1 on the "

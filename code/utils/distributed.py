@@ -32,6 +32,11 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def local_world_size():
+    """Training processes on this machine (torchrun's LOCAL_WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.is_initialized() else 1
+
+
 def rank():
     """This process's rank (0 without a launcher)."""
     return dist.get_rank() if dist.is_initialized() else 0

@@ -31,6 +31,7 @@ from utils.checkpoint import (CheckpointError, load_checkpoint, load_model_state
                               save_checkpoint, set_rng_state)
 from utils.curves import VAL_HISTORY  # one JSON record per validation, in every train_loop folder
 from utils.device import fit_generator_state, match_state_layout
+from utils.errors import DataReadError
 
 try:  # optional: the GPU machine of the device check has no tensorboardX (validations.jsonl has the curves)
     from tensorboardX import SummaryWriter
@@ -294,12 +295,16 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
         if validate_start:
             check_weights(0)
             validate_on_main(saver, 0, resumables)
-        t0 = time.time()
+        t0, wait0 = time.time(), _waited(resumables)
         for it in tqdm(range(start + 1, iterations + 1), initial=start, total=iterations, desc=name,
                        dynamic_ncols=True, disable=not sys.stderr.isatty()):
             for m in models.values():
                 m.train()
-            losses = step(it)
+            try:
+                losses = step(it)
+            except DataReadError as err:  # raised before the step changed anything: save iteration it - 1
+                raise SystemExit(_save_before_read_error(err, it - 1, last_path, models, optimizers, saver, config,
+                                                         resumables)) from None
             bad = ~torch.isfinite(losses["loss"].detach())
             first_bad = torch.where(bad, it, -1) if first_bad is None else torch.where(
                 (first_bad < 0) & bad, it, first_bad)
@@ -308,13 +313,14 @@ def train_loop(*, save_dir, iterations, step, models, optimizers, validate, conf
             count += 1
             is_val = it % val_interval == 0 or it == iterations
             if it % log_interval == 0 or is_val:
+                elapsed, waited = time.time() - t0, _waited(resumables) - wait0
                 _log_losses(name, it, iterations, _gather(first_bad, device_sums, count), optimizers, writer,
-                            logger, (time.time() - t0) / max(count, 1), last_path)
-                device_sums, count, t0 = {}, 0, time.time()
+                            logger, elapsed / max(count, 1), last_path, waited / max(elapsed, 1e-9))
+                device_sums, count, t0, wait0 = {}, 0, time.time(), _waited(resumables)
             if is_val:
                 check_weights(it)
                 validate_on_main(saver, it, resumables)
-                t0 = time.time()  # the next s/it excludes validation and checkpoint writing
+                t0, wait0 = time.time(), _waited(resumables)  # the next s/it excludes validation and checkpoints
     finally:
         if writer is not None:
             writer.close()
@@ -331,9 +337,16 @@ def _prepare_folder(save_dir, name, logger):
                        f"{', '.join(stale)}")
 
 
-def _log_losses(name, it, iterations, gathered, optimizers, writer, logger, seconds_per_it, last_path):
+def _waited(resumables):
+    """Seconds the batch stream has waited for batches read from disk or by loader workers (0 for the
+    in-memory device path)."""
+    return getattr((resumables or {}).get("stream"), "wait_seconds", 0.0)
+
+
+def _log_losses(name, it, iterations, gathered, optimizers, writer, logger, seconds_per_it, last_path, wait_share=0.0):
     """Log one interval's mean losses (``gathered`` = ``_gather``'s result) to tensorboard (rank 0:
-    ``writer``) and the log; a non-finite loss in the interval stops the run naming its first iteration."""
+    ``writer``) and the log; a non-finite loss in the interval stops the run naming its first iteration.
+    ``wait_share``: the part of the interval spent waiting for batches (shown when above zero)."""
     bad_it, means = gathered
     if bad_it >= 0:
         raise NonFiniteLoss(f"[{name}] non-finite loss at iteration {bad_it}; stopping. {_last_good(last_path)}")
@@ -344,7 +357,8 @@ def _log_losses(name, it, iterations, gathered, optimizers, writer, logger, seco
             writer.add_scalar(f"{name}/lr_{key}", opt.param_groups[0]["lr"], it)
     if logger:
         text = " ".join(f"{k}={v:.4f}" for k, v in means.items())
-        logger.info(f"[{name}] it {it}/{iterations} {text} ({seconds_per_it:.3f}s/it)")
+        wait = f", batch wait {100 * wait_share:.1f}%" if wait_share > 0 else ""
+        logger.info(f"[{name}] it {it}/{iterations} {text} ({seconds_per_it:.3f}s/it{wait})")
 
 
 class _ValidateAndSave:
@@ -418,6 +432,17 @@ def _restore_resumables(state, resumables, path, name, logger):
                 logger.warning(f"[{name}] {path} '{key}': {note}")
         elif logger:
             logger.warning(f"[{name}] {path} has no '{key}' state (older checkpoint): it restarts")
+
+
+def _save_before_read_error(err, it, last_path, models, optimizers, saver, config, resumables):
+    """Write ``last.pth`` at iteration ``it`` (the state before the batch that could not be read) and
+    return the line that stops the run. Under torchrun the other ranks are in a collective: the run
+    stops on the last validation's ``last.pth`` instead."""
+    if distributed.world_size() > 1:
+        return f"{err}; {_last_good(last_path)} (the last validation): repair the file, then rerun with --resume"
+    save_checkpoint(_state(models, optimizers, it, saver.best, config, finished=False, resumables=resumables),
+                    last_path)
+    return f"{err}; {last_path} holds iteration {it}: repair or replace the file, then rerun with --resume"
 
 
 def _last_good(last_path):

@@ -10,6 +10,11 @@ import sys
 INPUT_ERRORS = (ValueError, OSError, KeyError)
 
 
+class DataReadError(ValueError):
+    """Training data that cannot be read when a batch needs it (a slice file gone missing or damaged
+    after start-up); the message names the file. The training loop saves ``last.pth`` first."""
+
+
 def is_user_error(err):
     return isinstance(err, INPUT_ERRORS) or getattr(type(err), "user_error", False)
 

@@ -12,7 +12,8 @@ import torch._dynamo.exc
 import torch._inductor.exc
 
 from dataloaders.converted import ConvertedTrainData
-from dataloaders.dataset import ACDC_LABELED_SLICES, TrainData, check_root, load_volumes
+from dataloaders.dataset import (ACDC_LABELED_SLICES, TrainData, check_root, load_volumes, read_list,
+                                 resolve_data_cache)
 from dataloaders.synthetic import make_synthetic_acdc
 from networks.unet import build_model
 from utils import distributed, speed
@@ -267,10 +268,15 @@ class Run:
     def _build_train_data(self):
         a = self.args
         table = None if self.synthetic else LABEL_TABLES[self.dataset]
+        n_slices = len(read_list(self.root, "train_slices.list"))
+        requested = a.data_cache
+        a.data_cache, why = resolve_data_cache(requested, n_slices, a.image_size, self.device, a.aug_device,
+                                               distributed.local_world_size())
+        self.logger.info(f"--data_cache {requested}: {a.data_cache} ({why})")
         if self.dataset == "CUSTOM":  # converted data: unlabeled cases have no label on disk
-            data = ConvertedTrainData(self.root, a.labelnum, a.image_size, a.num_classes)
+            data = ConvertedTrainData(self.root, a.labelnum, a.image_size, a.num_classes, a.data_cache)
         else:
-            data = TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table)
+            data = TrainData(self.root, a.labelnum, a.image_size, a.num_classes, table, a.data_cache)
         if data.absent_in_labeled:
             self.logger.warning(f"WARNING: class(es) {data.absent_in_labeled} occur in none of the "
                                 f"{len(data.labeled)} labeled slices (--labelnum {a.labelnum}): the supervised "

@@ -24,7 +24,7 @@ from utils.checkpoint import CheckpointError, load_checkpoint
 # the data root are (a moved folder; the data are compared through their fingerprint)
 RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "config", "device", "num_workers", "log_interval",
                                "val_interval", "compile", "lcc", "amp", "channels_last", "max_iterations",
-                               "deterministic", "save_dir", "exp", "root_path"})
+                               "deterministic", "save_dir", "exp", "root_path", "data_cache"})
 # derived entries of a saved config that are not flags: compared through what they derive from
 NOT_COMPARED = frozenset({"model_card", "stage", "hca_stage_weights"})
 # what differs legitimately between a run and the one whose earlier phases it reuses (--start_stage k)
