@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import make_run, synchronize, trainer_argv  # noqa: E402
 from dataloaders.synthetic import make_synthetic_acdc  # noqa: E402
 from networks.dropout import Dropout  # noqa: E402
+from training.speed import cpu_description  # noqa: E402
+from training.sscd_train import pretrain_step, stage_step  # noqa: E402
 from utils.sscd import parse_hca_schedule  # noqa: E402
-from utils.sscd_train import pretrain_step, stage_step  # noqa: E402
-from utils.speed import cpu_description  # noqa: E402
 
 
 def build_parser():

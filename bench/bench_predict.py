@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -32,10 +31,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
+from common.checkpoint import save_checkpoint  # noqa: E402
 from dataloaders.volume_io import export_h5_volume  # noqa: E402
+from evaluation.model_card import model_card  # noqa: E402
 from networks.unet import build_model  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
-from utils.model_card import model_card  # noqa: E402
 
 # the predict.py flags the ACDC volumes are timed with: the defaults (identical to the test scripts), then faster
 ACDC_FLAGS = ((), ("--channels_last", "off"), ("--amp", "bf16"))  # the defaults: fp32, channels_last on

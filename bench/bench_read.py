@@ -20,7 +20,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from dataloaders.volume_io import export_h5_volume, read_image  # noqa: E402
-from utils.speed import cpu_description  # noqa: E402
+from training.speed import cpu_description  # noqa: E402
 
 
 def build_parser():

@@ -1,10 +1,10 @@
 """Training throughput of SSCD: the pre-training and self-training steps, validation, memory, FLOP/s.
 
-Times the real steps of ``utils.sscd_train`` (``pretrain_step``, ``stage_step`` of curriculum stage 1)
+Times the real steps of ``training.sscd_train`` (``pretrain_step``, ``stage_step`` of curriculum stage 1)
 on one device for two input paths, interleaved block by block so that both see the same machine load:
 
 * ``fast``: augmentation batched on the device, ``--amp auto`` (bf16 on CUDA and on CPUs with native
-  bf16, fp32 elsewhere: ``utils.speed.auto_amp``), channels_last, torch.compile (on CUDA), the LCC
+  bf16, fp32 elsewhere: ``training.speed.auto_amp``), channels_last, torch.compile (on CUDA), the LCC
   where it is faster (``--lcc auto``) and cudnn autotuning; each can be changed with the flags below;
 * ``plain``: per-sample augmentation in ``--num_workers`` DataLoader workers, fp32, contiguous
   tensors, scipy LCC, eager (the paper repositories' path).
@@ -37,12 +37,12 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
 
 from dataloaders.synthetic import make_synthetic_acdc  # noqa: E402
-from utils.config import base_parser, parse_args  # noqa: E402
-from utils.device import apply_backend_flags, current_backend_flags  # noqa: E402
-from utils.run import Run  # noqa: E402
-from utils.speed import auto_amp, cpu_description  # noqa: E402
+from training.config import base_parser, parse_args  # noqa: E402
+from training.device import apply_backend_flags, current_backend_flags  # noqa: E402
+from training.run import Run  # noqa: E402
+from training.speed import auto_amp, cpu_description  # noqa: E402
+from training.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step  # noqa: E402
 from utils.sscd import parse_hca_schedule  # noqa: E402
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step  # noqa: E402
 
 SDA_FRACTION = 0.4  # the SDA is on after 60 % of pre-training
 _START = time.perf_counter()

@@ -223,7 +223,7 @@ def size_runs(rates, seconds, device):
 def final_dice(checkpoint):
     """``(val Dice, [per class])`` stored in a trainer's final checkpoint, or ``(None, [])``."""
     sys.path.insert(0, str(REPO / "code"))
-    from utils.sscd_train import final_val_metrics
+    from training.sscd_train import final_val_metrics
     if not Path(checkpoint).is_file():
         return None, []
     score, per_class = final_val_metrics(checkpoint, 4)

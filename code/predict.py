@@ -5,7 +5,7 @@
 ``IN`` is one image file or a folder of them (.nii.gz, .nii, .mha, .mhd, .nrrd; nnU-Net's
 ``{case}_0000.nii.gz`` naming is understood). ``OUT/{case}{ending}`` gets one uint8 label map per case
 with the input's size, spacing, origin and direction (``.mhd`` inputs are written as ``.mha``, one file).
-The checkpoint's model card (``utils.model_card``) supplies everything else: classes, network, input
+The checkpoint's model card (``evaluation.model_card``) supplies everything else: classes, network, input
 size, and the preprocessing recipe, replayed through the converter's own function
 (``dataloaders.volume_io.preprocess_image``), so that a case predicts exactly as the test scripts do.
 
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataloaders.volume_io import (blank_reason, check_image_header, check_recipe, geometry_meta, image_ending,
-                                   preprocess_image, read_image)
+from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from common.errors import run_cli
+from common.geometry import restore_original_geometry, write_label_image
 from dataloaders.dataset import resize_nearest
 from dataloaders.image_check import layout
+from dataloaders.volume_io import (blank_reason, check_image_header, check_recipe, geometry_meta, image_ending,
+                                   preprocess_image, read_image)
+from evaluation.inference import predict_volume
+from evaluation.testing import largest_component_3d
 from networks.unet import CHANNELS, build_model
-from utils.checkpoint import CheckpointError, load_checkpoint, load_model_state
-from utils.errors import run_cli
-from utils.evaluation import predict_volume
-from utils.geometry import restore_original_geometry, write_label_image
-from utils.testing import largest_component_3d
 
 CHANNEL = "_0000"
 TEMP_PREFIX = ".partial-"

@@ -2,8 +2,8 @@
 
     python code/test_ACDC.py --checkpoint model/ACDC_SSCD_7_labeled/best.pth --split test
 """
-from utils.errors import run_cli
-from utils.testing import run_test, test_parser
+from common.errors import run_cli
+from evaluation.testing import run_test, test_parser
 
 CLASSES = ("RV", "Myo", "LV")
 

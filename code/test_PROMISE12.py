@@ -11,8 +11,8 @@ source folder recorded in dataset.json): name them after the source data set, e.
 import json
 from pathlib import Path
 
-from utils.errors import run_cli
-from utils.testing import run_test, test_parser
+from common.errors import run_cli
+from evaluation.testing import run_test, test_parser
 
 CLASSES = ("gland",)
 

@@ -5,10 +5,10 @@
 Predictions are written as <case>_pred.nii.gz in the original geometry of each case (size, spacing,
 origin, direction, slice axis); distances in voxels of the stored grid and in mm.
 """
+from common.checkpoint import CheckpointError, load_checkpoint
+from common.errors import run_cli
 from dataloaders.converted import read_dataset_info
-from utils.checkpoint import CheckpointError, load_checkpoint
-from utils.errors import run_cli
-from utils.testing import run_test, test_parser
+from evaluation.testing import run_test, test_parser
 
 
 def class_names(path):

@@ -2,8 +2,8 @@
 
     python code/train_ACDC_SSCD.py --root_path data/ACDC --labelnum 7
 """
-from utils.cli import sscd_parser, train_main
-from utils.errors import run_cli
+from common.errors import run_cli
+from training.cli import sscd_parser, train_main
 
 
 def build_parser():

@@ -2,9 +2,9 @@
 
     python code/train_ACDC_supervised.py --root_path data/ACDC --labelnum 7
 """
-from utils.config import base_parser, parse_args
-from utils.errors import run_cli
-from utils.run import Run, train_supervised
+from common.errors import run_cli
+from training.config import base_parser, parse_args
+from training.run import Run, train_supervised
 
 
 def build_parser():

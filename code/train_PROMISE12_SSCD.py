@@ -5,8 +5,8 @@
 
 --labelnum counts cases: the labeled set is every slice of the first --labelnum cases of train.list.
 """
-from utils.cli import sscd_parser, train_main
-from utils.errors import run_cli
+from common.errors import run_cli
+from training.cli import sscd_parser, train_main
 
 
 def build_parser():

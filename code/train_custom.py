@@ -14,10 +14,10 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import run_cli
 from dataloaders.converted import read_dataset_info
 from dataloaders.dataset import read_list
-from utils.cli import sscd_parser, train_main
-from utils.errors import run_cli
+from training.cli import sscd_parser, train_main
 
 
 def dataset_defaults(argv):

@@ -8,7 +8,7 @@
 
 panel: rows = the (case, slice) pairs (``--slices`` gives one slice per case, or one for all; default the
 middle slice), columns = the grey slice, one overlay per checkpoint (the test protocol's prediction), the
-ground truth. Colours and blending: ``utils/visual.py``. Slices of different sizes are padded (black,
+ground truth. Colours and blending: ``reporting/visual.py``. Slices of different sizes are padded (black,
 bottom/right) to the largest.
 
 hca: row 1 = the slice at the network size and the HCA confidence for every stage of the HCA schedule
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import run_cli
 from dataloaders.dataset import load_h5, read_list
-from utils.errors import run_cli
+from evaluation.testing import load_trained_model
+from reporting.visual import ALPHA, cgsr_example, hca_cgsr_figure, hca_stage_maps, method_panel, predict_slice
 from utils.sscd import DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, parse_hca_schedule
-from utils.testing import load_trained_model
-from utils.visual import ALPHA, cgsr_example, hca_cgsr_figure, hca_stage_maps, method_panel, predict_slice
 
 REPO = Path(__file__).resolve().parents[1]
 AUTO_CELL = 192  # --zoom auto: the smallest zoom making a cell at least this many pixels wide

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
 sys.path.insert(0, str(REPO / "experiments"))
 import launch  # noqa: E402
-from utils.curves import read_history  # noqa: E402
+from reporting.curves import read_history  # noqa: E402
 
 VARIANTS = {
     "published": ["--cross_rampup", "0"],

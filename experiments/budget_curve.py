@@ -38,7 +38,7 @@ import compare_acdc  # noqa: E402
 import launch  # noqa: E402
 from compare_arms import arm_runs, summarise  # noqa: E402
 from run_table import TIMES_FILE, TRAINED_FILE  # noqa: E402
-from utils.report import run_name  # noqa: E402
+from reporting.report import run_name  # noqa: E402
 
 #: (method, labelnum) -> --stage_lr chosen by the 2400-iteration acceptance table (docs/results.md §1.5);
 #: None: every phase at --base_lr (0.05 in compare_acdc). Labeled-only's 0.01 would apply after B / 2.
@@ -94,7 +94,7 @@ def table_argv(args, budget, method, rate):
 
 def record_machine(out, argv):
     """Append this start's CPU, thread policy and commit to ``out/machines.jsonl``."""
-    from utils.speed import cpu_description
+    from training.speed import cpu_description
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "threads_per_run": 1, **cpu_description(),
              "commit": commit.stdout.strip() or None, "argv": argv}
@@ -220,7 +220,7 @@ def analyse(out, budgets, methods, labelnum, references, recorded=()):
     Path(out, "budget_curve.json").write_text(json.dumps(_finite(rows), indent=1, allow_nan=False))
     Path(out, "budget_curve.md").write_text(markdown(rows, references, labelnum))
     plot(rows, Path(out) / "budget_curve.png", labelnum)
-    from utils.curves import plot_mean_curves
+    from reporting.curves import plot_mean_curves
     for budget, arms in found.items():
         curves = [{"method": m, "labelnum": labelnum, "config": run["config"], "history": run["history"]}
                   for m, runs in arms.items() for run in runs.values()]

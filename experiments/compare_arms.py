@@ -9,7 +9,7 @@ the run's own validations from total iteration ``--window_from`` on (stage start
 repeat the previous model), and, against each ``--reference`` arm, the per-seed difference of the
 final Dice over the seeds both arms hold (mean ± std, and in how many seeds the arm is ahead). Seeds are paired
 because a seed fixes the data order and, for arms that share a pre-training, the starting model.
-With ``--figure`` it writes the arms' mean learning curves (``utils.curves.plot_mean_curves``).
+With ``--figure`` it writes the arms' mean learning curves (``reporting.curves.plot_mean_curves``).
 The last line is a JSON array of the rows (an undefined std, of one seed, is null).
 
     python experiments/compare_arms.py --labelnum 7 --reference labeled-only SSCD --window_from 1800 \\
@@ -25,8 +25,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
-from utils.curves import plot_mean_curves, read_history  # noqa: E402
-from utils.report import mean_std, read_config  # noqa: E402
+from reporting.curves import plot_mean_curves, read_history  # noqa: E402
+from reporting.report import mean_std, read_config  # noqa: E402
 
 
 def parse_arm(text):

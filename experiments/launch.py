@@ -197,7 +197,7 @@ def held_by(run_dir):
     """The process holding a run folder's lock (a job still running it), or None."""
     if str(REPO / "code") not in sys.path:
         sys.path.insert(0, str(REPO / "code"))
-    from utils.run_folder import RunLock
+    from training.run_folder import RunLock
     path = Path(run_dir)
     if not (path / RunLock.NAME).is_file():
         return None

@@ -16,8 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "code"))
+from common.errors import run_cli  # noqa: E402
 from dataloaders.image_check import read_image  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
 
 
 def read_list(path):

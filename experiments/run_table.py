@@ -18,7 +18,7 @@ subprocess's output goes to ``run_table_<step>.log`` in the run folder, and each
 seconds to ``run_table_times.jsonl``. A failed step writes
 ``FAILED.json`` there (step, command, exit code, log), the table goes on with the next run, the report
 lists the failure and the script exits with status 1 at the end. ``--dry_run`` prints the commands
-(and, with ``--launcher slurm``, the batch script) and runs nothing. The report (``code/utils/report.py``)
+(and, with ``--launcher slurm``, the batch script) and runs nothing. The report (``code/reporting/report.py``)
 writes ``OUT/results.md``, ``OUT/results.csv`` and ``OUT/learning_curves.png`` (every run's logged
 validations against its total iteration, the stage boundaries dotted) and ``OUT/learning_curves_mean.png``
 (one line per method: the mean over seeds with a ±std band).
@@ -49,7 +49,7 @@ if str(REPO / "code") not in sys.path:
 sys.path.insert(0, str(REPO / "experiments"))
 import launch  # noqa: E402
 from launch import FAILED_FILE, TIMES_FILE, execute, one_thread_env  # noqa: E402,F401  (re-exported for drivers)
-from utils.report import EXPECTED_FILE, build_report, run_name  # noqa: E402
+from reporting.report import EXPECTED_FILE, build_report, run_name  # noqa: E402
 
 DATASETS = ("ACDC", "PROMISE12", "CUSTOM")
 METHODS = ("labeled_only", "bcp", "abd", "sscd")

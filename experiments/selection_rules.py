@@ -2,7 +2,7 @@
 under each rule, without training again.
 
 For each finished run (its final ``best.pth`` written) under ``TABLE/runs`` (``experiments/run_table.py``
-or ``experiments/compare_acdc.py`` output), its ``validations.jsonl`` records (``utils.curves.read_history``)
+or ``experiments/compare_acdc.py`` output), its ``validations.jsonl`` records (``reporting.curves.read_history``)
 give the val Dice the final model would have under:
 
 - ``best_stage``: the best validation of the whole run (this code's default ``--final best_stage``
@@ -30,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
-from utils.curves import read_history  # noqa: E402
+from reporting.curves import read_history  # noqa: E402
 
 RULES = ("best_stage", "last_stage", "reference", "pretrain")
 

@@ -3,7 +3,7 @@ from), student 2 (the strong-view student, the cross-term teacher of student 1) 
 (the pseudo-label source), read from each stage's ``last.pth``.
 
 The runs' selection only ever scores student 1; this shows whether the networks that supervise it
-are better or worse than it. Each network is scored as the trainer validates (``utils.evaluation.
+are better or worse than it. Each network is scored as the trainer validates (``evaluation.inference.
 Validator`` on ``--split`` at the run's image size, with its saved ``--amp`` and ``--channels_last``),
 on the CPU. Per run it prints one line with every stage's three scores; then the mean over runs per
 stage (over the runs that hold the network) and the mean difference of student 2 and of the teacher
@@ -23,12 +23,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "code"))
+from common.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from dataloaders.dataset import load_volumes  # noqa: E402
+from evaluation.inference import Validator  # noqa: E402
 from networks.unet import build_model  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from utils.evaluation import Validator  # noqa: E402
-from utils.report import read_config  # noqa: E402
-from utils.run import AMP_DTYPES, Forward  # noqa: E402
+from reporting.report import read_config  # noqa: E402
+from training.run import Forward  # noqa: E402
+from training.run_start import AMP_DTYPES  # noqa: E402
 
 NETWORKS = ("student_1", "student_2", "teacher")
 

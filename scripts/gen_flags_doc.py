@@ -35,7 +35,7 @@ SCRIPTS = (
     ("code/test_custom.py", "build_parser", "code/test_ACDC.py"),
     ("code/predict.py", "parser", None),
     ("code/visualize.py", "build_parser", None),
-    ("code/utils/report.py", "build_parser", None),
+    ("code/reporting/report.py", "build_parser", None),
     ("experiments/run_table.py", "build_parser", None),
     ("experiments/compare_acdc.py", "build_parser", None),
     ("experiments/ablate_stage.py", "build_parser", None),

@@ -24,9 +24,9 @@ MODULES = {
                       "tests/test_speed_paths.py::test_device_lcc_equals_scipy_on_random_maps",
                       "tests/test_speed_paths.py::test_device_lcc_equals_scipy_on_hand_made_maps"],
     "utils/losses.py": ["tests/test_losses.py"],
-    "utils/metrics.py": ["tests/test_metrics.py"],
-    "utils/checkpoint.py": ["tests/test_checkpoint.py"],
-    "utils/geometry.py": ["tests/test_preprocess_promise12.py", "tests/test_own_data.py"],
+    "evaluation/metrics.py": ["tests/test_metrics.py"],
+    "common/checkpoint.py": ["tests/test_checkpoint.py"],
+    "common/geometry.py": ["tests/test_preprocess_promise12.py", "tests/test_own_data.py"],
 }
 
 

@@ -28,9 +28,9 @@ if str(CODE) not in sys.path:
 
 import train_ACDC_SSCD  # noqa: E402
 import train_PROMISE12_SSCD  # noqa: E402
+from common.checkpoint import load_checkpoint  # noqa: E402
 from dataloaders.preprocess_promise12 import preprocess_promise12  # noqa: E402
 from dataloaders.synthetic import make_synthetic_acdc  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
 
 PINNED = Path(__file__).resolve().parent / "data" / "benchmark_paths.json"
 # the kernels every x86 CPU here can run, read by torch and oneDNN when they start (so set before import)

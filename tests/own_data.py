@@ -56,7 +56,7 @@ def make_nnunet(folder, n_labeled=5, n_unlabeled=2, shape_zyx=(6, 36, 40), spaci
 def error_of(main, argv):
     """The one-line message a script ends with (``error: ...``); fails on a traceback or success."""
     import pytest
-    from utils.errors import run_cli
+    from common.errors import run_cli
     with pytest.raises(SystemExit) as info:
         run_cli(main, argv)
     message = str(info.value.code)

@@ -14,13 +14,13 @@ import yaml
 
 import train_ACDC_SSCD
 import train_ACDC_supervised
+from common import checkpoint as checkpoint_module
+from common.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from dataloaders.dataset import SliceCache, TrainData, load_volumes
-from utils import checkpoint as checkpoint_module
-from utils.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from utils.config import base_parser, parse_args
-from utils.engine import NonFiniteWeights, train_loop
-from utils.evaluation import Validator
-from utils.speed import onednn_isa_cap
+from evaluation.inference import Validator
+from training.config import base_parser, parse_args
+from training.engine import NonFiniteWeights, train_loop
+from training.speed import onednn_isa_cap
 
 REPO = Path(__file__).resolve().parents[1]
 SUPERVISED = REPO / "code" / "train_ACDC_supervised.py"

@@ -11,7 +11,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import bench_train  # noqa: E402
 import profile_step  # noqa: E402
-from utils import speed  # noqa: E402
+from training import speed  # noqa: E402
 
 TINY = ["--device", "cpu", "--image_size", "32", "--batch_size", "4", "--labelnum", "1", "--threads", "1"]
 

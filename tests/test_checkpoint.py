@@ -1,4 +1,4 @@
-"""Tests for utils.checkpoint: atomic writes, safe loading, corrupt and mismatched files, RNG state."""
+"""Tests for common.checkpoint: atomic writes, safe loading, corrupt and mismatched files, RNG state."""
 import os
 from pathlib import Path
 import random
@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from networks.unet import build_model
-from utils import checkpoint as checkpoint_module
-from utils.checkpoint import (
+from common import checkpoint as checkpoint_module
+from common.checkpoint import (
     FORMAT,
     CheckpointError,
     load_checkpoint,
@@ -18,7 +17,8 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.engine import restore
+from networks.unet import build_model
+from training.engine import restore
 
 
 def small_state(value=1.0):

@@ -1,8 +1,8 @@
-"""Tests for utils.config: YAML defaults < command line, rejected values, saved config."""
+"""Tests for training.config: YAML defaults < command line, rejected values, saved config."""
 import pytest
 import yaml
 
-from utils.config import base_parser, parse_args, resolve_save_dir, save_config
+from training.config import base_parser, parse_args, resolve_save_dir, save_config
 
 
 def parser():
@@ -139,8 +139,8 @@ def test_paper_config_keeps_each_method_preset(method, stages, center_disc, patc
     so every method self-trains the same 30k iterations after the same 10k pre-training."""
     from pathlib import Path
 
-    from utils.cli import sscd_parser
-    from utils.sscd_train import PRESETS, check_sscd_args
+    from training.cli import sscd_parser
+    from training.sscd_train import PRESETS, check_sscd_args
     config = Path(__file__).resolve().parents[1] / "configs" / "acdc_sscd.yaml"
     p = sscd_parser("ACDC", "test")
     args = parse_args(p, ["--config", str(config), "--method", method], PRESETS)

@@ -8,15 +8,15 @@ import socket
 import pytest
 import torch
 
+from common.checkpoint import save_checkpoint
 from networks.unet import build_model
-from utils import device as devmod
-from utils import distributed
-from utils.checkpoint import save_checkpoint
-from utils.config import base_parser, parse_args
-from utils.engine import GeneratorState, ScalerState, _state, restore
-from utils.run import Forward, Run
+from training import device as devmod
+from training import distributed
+from training.config import base_parser, parse_args
+from training.engine import GeneratorState, ScalerState, _state, restore
+from training.run import Forward, Run
+from training.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 from utils.sscd import largest_component_per_class, largest_component_per_class_device, pseudo_labels
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")

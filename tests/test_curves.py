@@ -7,11 +7,11 @@ import torch
 import yaml
 
 import train_ACDC_SSCD
+from common.checkpoint import load_checkpoint, save_checkpoint
 from conftest import load_script
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.curves import mean_curves, plot_learning_curves, plot_mean_curves, read_history, stage_boundaries
-from utils.engine import train_loop
-from utils.sscd_train import best_stage_checkpoint
+from reporting.curves import mean_curves, plot_learning_curves, plot_mean_curves, read_history, stage_boundaries
+from training.engine import train_loop
+from training.sscd_train import best_stage_checkpoint
 
 
 class Tiny(torch.nn.Module):

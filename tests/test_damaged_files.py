@@ -12,11 +12,11 @@ import pytest
 import SimpleITK as sitk
 
 import predict
+from common.errors import run_cli
 from conftest import load_script
 from dataloaders import convert_dataset, image_check, preprocess_acdc, preprocess_promise12
 from dataloaders.volume_io import read_image
 from own_data import phantom, random_custom_checkpoint
-from utils.errors import run_cli
 
 SHAPE, SPACING = (4, 20, 24), (0.8, 0.8, 3.0)
 # (ending, compressed): every format the project accepts, with and without compression
@@ -383,7 +383,7 @@ def test_non_finite_geometry_is_refused_in_every_format(tmp_path):
                      b"encoding: raw\n\n" + image.astype("<i2").tobytes())
     with pytest.raises(ValueError, match=r"n\.nrrd: NRRD spacings 'NaN 0\.8 3': expected positive finite voxel "):
         read_image(nrrd)
-    from utils.geometry import check_geometry
+    from common.geometry import check_geometry
     a, b = sitk.GetImageFromArray(image), sitk.GetImageFromArray(image)
     b.SetOrigin((float("nan"), 0.0, 0.0))
     with pytest.raises(ValueError, match="origin"):

@@ -10,6 +10,7 @@ import torch
 
 import train_ACDC_SSCD
 import train_PROMISE12_SSCD
+from common.checkpoint import load_checkpoint
 from conftest import skip_without_real_data
 from dataloaders import dataset as dataset_module
 from dataloaders import slice_index
@@ -17,7 +18,6 @@ from dataloaders.dataset import (ACDC_LABELED_SLICES, DiskSlices, SliceCache, Sl
                                  TwoStreamSampler, read_list, resolve_data_cache)
 from dataloaders.preprocess_promise12 import preprocess_promise12
 from dataloaders.synthetic import make_synthetic_acdc
-from utils.checkpoint import load_checkpoint
 
 COMMON = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--device", "cpu", "--log_interval", "1",
           "--amp", "off", "--channels_last", "off", "--pre_iterations", "3", "--hca_weights", "1,0,0,0",

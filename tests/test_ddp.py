@@ -1,4 +1,4 @@
-"""Multi-process training (utils.distributed) with 2 CPU ranks on the gloo backend.
+"""Multi-process training (training.distributed) with 2 CPU ranks on the gloo backend.
 
 * Semantics, exactly: one SGD step of 2 ranks x b samples equals one single-process step on the
   concatenated 2b batch. Only a loss that is a per-sample mean has that property, so the check uses
@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 import train_ACDC_SSCD
 import train_ACDC_supervised
-import utils.engine
-import utils.run
-import utils.sscd_train
 from dataloaders.dataset import TrainData
 from networks.unet import build_model
-from utils import distributed
+from training import distributed
+import training.engine
+import training.run
+import training.sscd_train
 
 B, SIZE, CLASSES = 4, 32, 4
 
@@ -134,7 +134,7 @@ TINY = ["--image_size", "32", "--batch_size", "8", "--labeled_bs", "4", "--devic
 
 def _record(folder, rank):
     """Spy on train_loop (final weights of every model, per run name) and on the stream seeds."""
-    real_loop, real_stream = utils.engine.train_loop, TrainData.stream
+    real_loop, real_stream = training.engine.train_loop, TrainData.stream
     seeds = []
 
     def loop(**kw):
@@ -146,7 +146,7 @@ def _record(folder, rank):
         seeds.append((kw["seed"], args[:2]))  # and (labeled, unlabeled) slices per batch
         return real_stream(self, *args, **kw)
 
-    utils.run.train_loop = utils.sscd_train.train_loop = loop
+    training.run.train_loop = training.sscd_train.train_loop = loop
     TrainData.stream = stream
     return seeds
 

@@ -131,8 +131,8 @@ def test_the_training_path_imports_no_simpleitk_medpy_or_tensorboardx():
                "sys.meta_path.insert(0, Block())\n"
                "sys.path[:0] = ['code', 'bench']\n"
                "import train_ACDC_SSCD, train_ACDC_supervised, bench_train\n"
-               "import utils.engine\n"
-               "print('imported', utils.engine.SummaryWriter is None or utils.engine.SummaryWriter.__module__)\n")
+               "import training.engine\n"
+               "print('imported', training.engine.SummaryWriter is None or training.engine.SummaryWriter.__module__)\n")
     proc = subprocess.run([sys.executable, "-c", blocker], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "imported" in proc.stdout and "tensorboardX" not in proc.stdout

@@ -2,7 +2,6 @@
 from the parsers (a flag missing or a default changed fails), and every relative link and image path
 in README.md, docs/*.md and bench/README.md exists (anchors included)."""
 import re
-from pathlib import Path
 
 import pytest
 

@@ -8,8 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import train_ACDC_SSCD
 import train_ACDC_supervised
-from networks.dropout import Dropout, dropout_noise, portable_dropout
 from conftest import load_script
+from networks.dropout import Dropout, dropout_noise, portable_dropout
 from networks.unet import build_model
 
 # Seeded operators whose CPU kernels are serial draws from the generator (the same numbers on

@@ -1,4 +1,4 @@
-"""Tests for utils.engine + the supervised trainer: outputs, resume, non-finite losses, SIGKILL."""
+"""Tests for training.engine + the supervised trainer: outputs, resume, non-finite losses, SIGKILL."""
 import hashlib
 import math
 import os
@@ -13,10 +13,10 @@ import torch
 import yaml
 
 import train_ACDC_supervised
-import utils.run
-from utils.checkpoint import load_checkpoint
-import utils.engine
-from utils.engine import NonFiniteLoss, close_logger, get_logger, train_loop
+from common.checkpoint import load_checkpoint
+import training.engine
+from training.engine import NonFiniteLoss, close_logger, get_logger, train_loop
+import training.run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "code" / "train_ACDC_supervised.py"
 
@@ -91,14 +91,14 @@ def test_resume_after_finished_run_does_nothing(finished_run, synthetic_root):
 
 def test_non_finite_loss_stops_naming_first_bad_iteration(synthetic_root, tmp_path, monkeypatch):
     calls = []
-    real = utils.run.ce_dice_loss
+    real = training.run.ce_dice_loss
 
     def nan_from_five(logits, target, num_classes):
         calls.append(1)
         loss = real(logits, target, num_classes)
         return loss * float("nan") if len(calls) >= 5 else loss
 
-    monkeypatch.setattr(utils.run, "ce_dice_loss", nan_from_five)
+    monkeypatch.setattr(training.run, "ce_dice_loss", nan_from_five)
     save = tmp_path / "nan"
     # validation (and checkpoints) at 2, 4, 6, ...; the loss is checked at 4 (log) and 2, 4, 6 (val)
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss at iteration 5\b.*last\.pth") as err:
@@ -158,7 +158,7 @@ def test_seconds_per_iteration_exclude_validation(tmp_path, monkeypatch):
         def time():
             return clock[0]
 
-    monkeypatch.setattr(utils.engine, "time", FakeTime)
+    monkeypatch.setattr(training.engine, "time", FakeTime)
     model = Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
 

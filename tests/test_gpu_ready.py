@@ -15,15 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_ACDC_supervised
-import utils.engine
-import utils.run
 from networks.unet import build_model
+import training.engine
+import training.run
 from test_ddp import _free_ports as free_ports
-from utils import device as devmod
-from utils import distributed
-from utils.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from utils.config import base_parser, parse_args, per_rank_batch
-from utils.engine import GeneratorState, ScalerState, load_resumable, restore, train_loop
+from common.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training import device as devmod
+from training import distributed
+from training.config import base_parser, parse_args, per_rank_batch
+from training.engine import GeneratorState, ScalerState, load_resumable, restore, train_loop
 
 
 # ---------------------------------------------------------------- 1: DDP keyword on older torch
@@ -118,7 +118,7 @@ def test_momentum_comes_back_in_the_parameters_layout(tmp_path):
     torch.manual_seed(0)
     model = build_model(4)
     opt = _sgd_step(model, 1)
-    from utils.engine import _state
+    from training.engine import _state
     save_checkpoint(_state({"model": model}, {"model": opt}, 1, (0.5, 1), {}, False), tmp_path / "last.pth")
     again = build_model(4).to(memory_format=torch.channels_last)  # resumed with --channels_last on
     opt2 = torch.optim.SGD(again.parameters(), lr=0.1, momentum=0.9)
@@ -238,7 +238,7 @@ def test_sync_buffers_only_without_sync_bn(monkeypatch, sync_bn):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     run = types.SimpleNamespace(args=argparse.Namespace(sync_bn=sync_bn),
                                 scaler=torch.amp.GradScaler("cpu", enabled=False))
-    utils.run.Run.update(run, model(torch.ones(1, 2)).sum(), [opt], [model])
+    training.run.Run.update(run, model(torch.ones(1, 2)).sum(), [opt], [model])
     assert len(calls) == (0 if sync_bn else 1)
 
 
@@ -253,7 +253,7 @@ def test_per_rank_batch_rule():
 
 
 def test_batch_scope_is_checked_at_parse_time(monkeypatch, capsys):
-    from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args
+    from training.sscd_train import PRESETS, add_sscd_args, check_sscd_args
     parser = add_sscd_args(base_parser("t", "ACDC", 4, 7))
     monkeypatch.setenv("WORLD_SIZE", "5")
     with pytest.raises(SystemExit):
@@ -271,7 +271,7 @@ def test_batch_scope_is_checked_at_parse_time(monkeypatch, capsys):
 
 def test_training_without_tensorboardx(synthetic_root, tmp_path, monkeypatch, caplog):
     from test_engine import tiny_args
-    monkeypatch.setattr(utils.engine, "SummaryWriter", None)
+    monkeypatch.setattr(training.engine, "SummaryWriter", None)
     train_ACDC_supervised.main(tiny_args(synthetic_root, tmp_path / "run", 2, 1, 1))
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "neither tensorboardX nor tensorboard is installed" in log and "it 2 val Dice" in log

@@ -14,8 +14,8 @@ import cloudpickle
 import pytest
 import torch
 
+from common.checkpoint import load_checkpoint
 from conftest import REPO, load_script
-from utils.checkpoint import load_checkpoint
 
 launch = load_script("experiments/launch.py")
 run_table = load_script("experiments/run_table.py")

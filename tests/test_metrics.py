@@ -1,4 +1,4 @@
-"""Tests for utils.metrics against hand-computed values and an independent brute force."""
+"""Tests for evaluation.metrics against hand-computed values and an independent brute force."""
 import json
 import math
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import skip_without_real_data
-from utils.metrics import (
+from evaluation.metrics import (
     binary_metrics,
     case_metrics,
     dice_per_class,

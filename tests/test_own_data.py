@@ -14,16 +14,16 @@ from scipy import ndimage
 import predict
 import test_custom
 import train_custom
+from common.checkpoint import load_checkpoint, save_checkpoint
 from dataloaders import convert_dataset
 from dataloaders.converted import ConvertedTrainData
 from dataloaders.dataset import UNLABELED
 from dataloaders.volume_io import from_slices, preprocess_image, slice_axis, to_slices
 from networks.unet import build_model
 from own_data import make_nnunet, phantom, write_image
-from utils.checkpoint import load_checkpoint, save_checkpoint
 
 SIZE = 32
-# the test scripts' slices per forward (utils.evaluation.predict_volume): predict.py is compared with them at
+# the test scripts' slices per forward (evaluation.inference.predict_volume): predict.py is compared with them at
 # the same batch, whose convolutions round alike on every CPU (another batch size may run other oneDNN
 # kernels, and a random network's near-tie voxels then flip: seen on an AVX2-only EPYC)
 TEST_BATCH = 64
@@ -255,7 +255,7 @@ def check_flip_average(checkpoint, path, saved):
     every slice, flipped back, averaged (a missing flip-back or a wrong axis fails)."""
     from dataloaders.dataset import resize_nearest
     from dataloaders.volume_io import geometry_meta, read_image
-    from utils.geometry import restore_original_geometry
+    from common.geometry import restore_original_geometry
     model, card = predict.load_predictor(checkpoint, torch.device("cpu"))
     image = read_image(path)
     volume, axis = preprocess_image(image, card["preprocessing"])

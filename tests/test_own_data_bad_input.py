@@ -10,9 +10,9 @@ import SimpleITK as sitk
 import predict
 import test_custom
 import train_custom
+from common.checkpoint import load_checkpoint, save_checkpoint
 from dataloaders import convert_dataset
 from own_data import error_of, make_nnunet, phantom, write_image
-from utils.checkpoint import load_checkpoint, save_checkpoint
 
 SPACING = (0.8, 0.8, 3.0)
 

@@ -94,7 +94,7 @@ def test_cases_cut_along_different_axes_are_named_in_a_warning(tmp_path, caplog)
 def other_checkpoint(checkpoint, path, scale):
     """The same card, other weights (the output convolution scaled): another model's label maps."""
     import torch
-    from utils.checkpoint import save_checkpoint
+    from common.checkpoint import save_checkpoint
     state = torch.load(checkpoint, weights_only=True)
     state["model"] = {k: (v * scale if k.startswith("out_conv") else v) for k, v in state["model"].items()}
     save_checkpoint(state, path)

@@ -16,7 +16,7 @@ from dataloaders import convert_dataset
 from dataloaders.volume_io import export_h5_volume
 from own_data import make_nnunet
 from test_own_data import SIZE, check_predict_equals_test, random_weights, same_geometry, tiny_train
-from utils.checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 
 PROSTATE_CASES = ["Case00", "Case01", "Case02", "Case03", "Case05"]  # 2 labeled, 1 val, 2 unlabeled
 

@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from common.geometry import (
+    load_volume_meta,
+    resize_slices,
+    restore_original_geometry,
+    write_label_image,
+)
 from conftest import skip_without_real_data
 from dataloaders.preprocess_promise12 import (
     convention_splits,
@@ -15,12 +21,6 @@ from dataloaders.preprocess_promise12 import (
     normalize_slice,
     preprocess_promise12,
     read_case_list,
-)
-from utils.geometry import (
-    load_volume_meta,
-    resize_slices,
-    restore_original_geometry,
-    write_label_image,
 )
 
 SIZE_XYZ = (40, 36, 5)
@@ -379,7 +379,7 @@ def test_stored_sizes_load_as_integers(tmp_path):
 
 
 def test_geometry_mismatch_message_shows_six_digits():
-    from utils.geometry import check_geometry
+    from common.geometry import check_geometry
     image, label = sitk.Image(4, 4, 2, sitk.sitkUInt8), sitk.Image(4, 4, 2, sitk.sitkUInt8)
     label.SetSpacing((0.8, 0.9, 3.0))
     with pytest.raises(ValueError, match=r"^lab: spacing \(0.8, 0.9, 3\) differs from the image's \(1, 1, 1\) "
@@ -398,7 +398,7 @@ def test_resize_to_one_pixel_wide_or_high_is_allowed():
 
 
 def test_label_geometry_may_differ_by_exactly_the_tolerance():
-    from utils.geometry import GEOMETRY_TOLERANCE, check_geometry
+    from common.geometry import GEOMETRY_TOLERANCE, check_geometry
     image = sitk.Image(4, 4, 2, sitk.sitkUInt8)
     label = sitk.Image(4, 4, 2, sitk.sitkUInt8)
     label.SetOrigin((GEOMETRY_TOLERANCE, 0.0, 0.0))
@@ -409,7 +409,7 @@ def test_label_geometry_may_differ_by_exactly_the_tolerance():
 
 
 def test_write_label_image_checks_orig_size_length_first(tmp_path):
-    from utils.geometry import write_label_image
+    from common.geometry import write_label_image
     meta = {"orig_size": (4, 4), "orig_spacing": (1.0, 1.0, 1.0), "origin": (0.0, 0.0, 0.0),
             "direction": (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)}
     with pytest.raises(ValueError, match=r"^meta\['orig_size'\] must have 3 values, got 2$"):
@@ -419,7 +419,7 @@ def test_write_label_image_checks_orig_size_length_first(tmp_path):
 def test_written_labels_are_compressed_in_every_format(tmp_path):
     """A .mha / .nrrd prediction is stored compressed, as a .nii.gz one is (SimpleITK writes these raw
     unless asked); the voxels read back unchanged."""
-    from utils.geometry import write_label_image
+    from common.geometry import write_label_image
     pred = np.zeros((8, 32, 32), np.uint8)
     pred[2:6, 8:24, 8:24] = 1
     for name, marker in (("p.mha", b"CompressedData = True"), ("p.nrrd", b"encoding: gzip")):

@@ -17,14 +17,14 @@ import torch
 
 import test_PROMISE12
 import train_PROMISE12_SSCD
-import utils.testing
+from common.checkpoint import load_checkpoint
+from common.geometry import load_volume_meta
+from conftest import load_script
 from dataloaders.dataset import TrainData, read_list
 from dataloaders.preprocess_promise12 import preprocess_promise12
-from utils.checkpoint import load_checkpoint
-from utils.geometry import load_volume_meta
-from conftest import load_script
+import evaluation.testing
 from test_preprocess_promise12 import dice, read_h5
-from utils.metrics import METRIC_NAMES, binary_metrics
+from evaluation.metrics import METRIC_NAMES, binary_metrics
 
 SIZE = 32  # network and preprocessing size of every run here
 SPACING = (0.6, 0.55, 3.0)  # (x, y, z), anisotropic in-plane
@@ -194,7 +194,7 @@ def test_prediction_overlays_the_source_image(generated, tmp_path, monkeypatch):
     """test_PROMISE12 with a thresholding 'network': its written prediction must cover the source
     segmentation in the source grid (a flip, transpose or shift of the off-centre gland would not)."""
     raw, root, labels = generated
-    monkeypatch.setattr(utils.testing, "load_trained_model", lambda path, device: (
+    monkeypatch.setattr(evaluation.testing, "load_trained_model", lambda path, device: (
         Threshold().eval(), {"num_classes": 2, "config": {"image_size": SIZE, "root_path": str(root)}}))
     out = tmp_path / "eval"
     returned = test_PROMISE12.main(["--checkpoint", str(tmp_path / "oracle.pth"), "--split", "val",
@@ -212,7 +212,7 @@ def test_prediction_overlays_the_source_image(generated, tmp_path, monkeypatch):
 
 def test_empty_test_list_is_refused_with_the_reason(generated, tmp_path, monkeypatch):
     _, root, _ = generated
-    monkeypatch.setattr(utils.testing, "load_trained_model", lambda path, device: (
+    monkeypatch.setattr(evaluation.testing, "load_trained_model", lambda path, device: (
         Threshold().eval(), {"num_classes": 2, "config": {"image_size": SIZE, "root_path": str(root)}}))
     with pytest.raises(SystemExit, match=r"test\.list is empty: .*withholds.*Case40.*--split val"):
         test_PROMISE12.main(["--checkpoint", str(tmp_path / "x.pth"), "--split", "test",
@@ -268,7 +268,7 @@ def test_sscd_train_and_test_end_to_end(source, tmp_path):
                          "--workers", "0", "--data_name", "the data under test"])
     summary, rows = check_outputs(out, val_cases, root)
     assert summary["data"] == "the data under test" and summary["image_size"] == SIZE
-    model, _ = utils.testing.load_trained_model(final, "cpu")
+    model, _ = evaluation.testing.load_trained_model(final, "cpu")
     check_rows_against(rows, root, raw, network_prediction(model))
     for case in val_cases:
         check_written_geometry(out / "predictions" / f"{case}_pred.nii.gz", source_path(raw, case))

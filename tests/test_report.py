@@ -1,4 +1,4 @@
-"""Tests for utils/report.py on hand-made run folders whose means and standard deviations are
+"""Tests for reporting/report.py on hand-made run folders whose means and standard deviations are
 computed by hand: aggregation over seeds, per-class columns, mm columns, the quoted published rows,
 and missing / failed / inconsistent runs being reported."""
 import csv
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from utils import report
+from reporting import report
 
 CLASSES = ("RV", "Myo", "LV")
 METRICS = ("dice", "jaccard", "hd95", "asd")

@@ -1,7 +1,7 @@
 """Runs that cannot be silently changed, mixed or lost (issue 42): the run's identity (flags, rank
 count, data fingerprint) in config.yaml and every checkpoint, compared on every resume and reuse of a
 phase; extended budgets; nothing deleted before every check; a lock on the run folder; one line per
-rank in log.txt when a run stops. Each test failed on the code before utils/run_folder.py."""
+rank in log.txt when a run stops. Each test failed on the code before training/run_folder.py."""
 import os
 import shutil
 import socket
@@ -15,11 +15,11 @@ import yaml
 
 import train_ACDC_SSCD
 import train_ACDC_supervised
-import utils.run
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.errors import run_cli
 from conftest import REPO
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.errors import run_cli
-from utils.run_folder import RunLock
+import training.run
+from training.run_folder import RunLock
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--device", "cpu", "--num_workers", "0",
         "--labelnum", "3", "--log_interval", "1", "--amp", "off"]
@@ -58,14 +58,14 @@ def _two_ranks(rank, port, root, save, fail):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
     if fail and rank == 1:  # rank 1 meets a bad batch at its second loss
-        calls, real = [], utils.run.ce_dice_loss
+        calls, real = [], training.run.ce_dice_loss
 
         def failing(*args):
             calls.append(1)
             if len(calls) == 2:
                 raise ValueError("bad batch on rank 1")
             return real(*args)
-        utils.run.ce_dice_loss = failing
+        training.run.ce_dice_loss = failing
     argv = ["--root_path", root, "--save_dir", save, *TINY, "--max_iterations", "4", "--val_interval", "2",
             "--batch_size", "8", "--labeled_bs", "4"]
     try:
@@ -179,7 +179,7 @@ def test_a_run_folder_in_use_is_refused_and_a_dead_holder_is_not(synthetic_root,
     finally:
         holder.release()
     killed = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'code')!r}); "
-                               f"from utils.run_folder import RunLock; RunLock({str(save)!r}); "
+                               f"from training.run_folder import RunLock; RunLock({str(save)!r}); "
                                f"import time; time.sleep(60)"])
     try:
         for _ in range(100):  # until the child holds the lock

@@ -10,17 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils.run
 from dataloaders.dataset import load_volumes
+from evaluation.inference import Validator, predict_volume
+from evaluation.metrics import dice_per_class
 from networks.unet import build_model
-from utils.config import base_parser, parse_args
-from utils.evaluation import Validator, predict_volume
+from training import speed
+from training.config import base_parser, parse_args
+import training.run
+import training.run_start
+from training.run import Forward, Run
+from training.run_start import resolve_speed_flags
+from training.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 from utils.losses import ce_dice_loss
-from utils.metrics import dice_per_class
-from utils import speed
-from utils.run import Forward, Run, resolve_speed_flags
 from utils.sscd import class_argmax, largest_component_per_class, largest_component_per_class_device, pseudo_labels
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, pretrain_step, stage_step
 
 
 # ---------------------------------------------------------------- device LCC == scipy
@@ -135,10 +137,10 @@ def test_amp_loss_close_to_fp32(amp):
     x, y = fixed_batch()
     model = model_in_train_mode()
     ref_loss, ref_grad = loss_and_grad(Forward(model), model, x, y)
-    forward = Forward(model, amp_dtype=utils.run.AMP_DTYPES[amp])
+    forward = Forward(model, amp_dtype=training.run_start.AMP_DTYPES[amp])
     assert forward(x).dtype == torch.float32
-    with torch.autocast("cpu", dtype=utils.run.AMP_DTYPES[amp]):
-        assert model(x).dtype == utils.run.AMP_DTYPES[amp]  # the network itself ran in low precision
+    with torch.autocast("cpu", dtype=training.run_start.AMP_DTYPES[amp]):
+        assert model(x).dtype == training.run_start.AMP_DTYPES[amp]  # the network itself ran in low precision
     loss, grad = loss_and_grad(forward, model, x, y)
     loss_bound, cosine_bound = AMP_BOUNDS[amp]
     assert float((loss - ref_loss).abs() / ref_loss) < loss_bound
@@ -311,8 +313,8 @@ def stage_weights(run):
 
 def test_amp_and_lcc_flags_change_or_keep_the_training(synthetic_root, tmp_path, monkeypatch):
     calls = []
-    real = utils.sscd_train.pseudo_labels
-    monkeypatch.setattr(utils.sscd_train, "pseudo_labels",
+    real = training.sscd_train.pseudo_labels
+    monkeypatch.setattr(training.sscd_train, "pseudo_labels",
                         lambda *a, **k: calls.append(k["lcc_impl"]) or real(*a, **k))
     base = stage_weights(make_run(synthetic_root, tmp_path / "base", "--amp", "off", "--lcc", "scipy"))
     device_lcc = stage_weights(make_run(synthetic_root, tmp_path / "lcc", "--amp", "off", "--lcc", "device"))

@@ -9,9 +9,9 @@ import yaml
 
 import train_ACDC_SSCD
 import test_ACDC
-from utils import sscd_train
-from utils.checkpoint import load_checkpoint
-from utils.config import base_parser, parse_args
+from common.checkpoint import load_checkpoint
+from training import sscd_train
+from training.config import base_parser, parse_args
 
 TINY = ["--image_size", "32", "--batch_size", "4", "--labeled_bs", "2", "--patch_size", "8", "--top_num", "4",
         "--device", "cpu", "--num_workers", "0", "--log_interval", "1", "--labelnum", "3"]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import yaml
 
+from common.checkpoint import FORMAT, save_checkpoint
 from conftest import load_script
 from dataloaders.dataset import load_volumes
+from evaluation.inference import Validator
 from networks.unet import build_model
-from utils.checkpoint import FORMAT, save_checkpoint
-from utils.evaluation import Validator
 
 networks = load_script("experiments/stage_networks.py")
 SIZE = 32

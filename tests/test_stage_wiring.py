@@ -8,7 +8,7 @@ import torch
 
 from networks.unet import build_model
 from test_speed_paths import make_run
-from utils import sscd_train
+from training import sscd_train
 from utils.sscd import class_argmax, cross_weight, mix
 
 

@@ -1,4 +1,4 @@
-"""Tests for test_ACDC.py / utils.testing / utils.evaluation: end to end on the val volumes of
+"""Tests for test_ACDC.py / evaluation.testing / evaluation.inference: end to end on the val volumes of
 ``acdc_root`` (real ACDC when SSCD_SHARED_DATA is set) with a freshly trained tiny model (no
 accuracy claim), checkpoint portability, slice-wise prediction and the 3-D LCC."""
 import csv
@@ -14,12 +14,12 @@ from scipy import ndimage
 
 import test_ACDC
 import train_ACDC_supervised
+from common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dataloaders.dataset import read_list
+from evaluation.inference import predict_volume
+from evaluation.metrics import METRIC_NAMES, case_metrics
+from evaluation.testing import largest_component_3d, load_trained_model
 from networks.unet import build_model
-from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.evaluation import predict_volume
-from utils.metrics import METRIC_NAMES, case_metrics
-from utils.testing import largest_component_3d, load_trained_model
 
 NUM_CLASSES = 4
 CLASSES = ("RV", "Myo", "LV")
@@ -122,7 +122,7 @@ def speckled(label, seed):
 
 def test_lcc_run_keeps_one_component_per_class(acdc_root, checkpoint, tmp_path, monkeypatch):
     """--lcc end to end; predictions are replaced by speckled labels so that LCC has work to do."""
-    import utils.testing
+    import evaluation.testing
 
     volumes = {}
 
@@ -134,7 +134,7 @@ def test_lcc_run_keeps_one_component_per_class(acdc_root, checkpoint, tmp_path, 
         volumes[case] = speckled(label, key)
         return volumes[case]
 
-    monkeypatch.setattr(utils.testing, "predict_volume", fake_predict)
+    monkeypatch.setattr(evaluation.testing, "predict_volume", fake_predict)
     out = tmp_path / "lcc"
     test_ACDC.main(["--checkpoint", str(checkpoint), "--root_path", str(acdc_root), "--split", "val",
                     "--out", str(out), "--device", "cpu", "--workers", "2", "--lcc"])

@@ -1,4 +1,4 @@
-"""Tests for utils/visual.py and code/visualize.py: PNG sizes and the documented overlay colours at
+"""Tests for reporting/visual.py and code/visualize.py: PNG sizes and the documented overlay colours at
 labelled pixels, with a fake model whose prediction is known, and both CLI figures end to end."""
 import h5py
 import numpy as np
@@ -8,9 +8,9 @@ import torch.nn as nn
 from PIL import Image
 
 import visualize
+from common.checkpoint import save_checkpoint
 from networks.unet import build_model
-from utils import visual
-from utils.checkpoint import save_checkpoint
+from reporting import visual
 from utils.sscd import DEFAULT_HCA_SCHEDULE, parse_hca_schedule
 
 RGB = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}  # RV red, Myo green, LV blue
@@ -190,7 +190,7 @@ def test_cli_hca_cgsr(synthetic_root, random_checkpoint, tmp_path):
 
 
 def test_cgsr_example_is_consistent(synthetic_root, random_checkpoint):
-    from utils.testing import load_trained_model
+    from evaluation.testing import load_trained_model
 
     model, _ = load_trained_model(random_checkpoint, "cpu")
     image, _ = read_volume(synthetic_root, (synthetic_root / "val.list").read_text().split()[0])

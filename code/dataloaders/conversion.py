@@ -23,10 +23,10 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
+from common.geometry import check_geometry, check_single_channel_3d, resized_spacing
 from dataloaders.image_check import read_image
 from dataloaders.slice_index import label_counts
 from dataloaders.volume_io import blank_reason, geometry_meta, preprocess_image, preprocess_label
-from utils.geometry import check_geometry, check_single_channel_3d, resized_spacing
 
 RECORDS = ".cases"
 SETTINGS_FILE = "settings.json"
@@ -75,7 +75,7 @@ def write_slice_h5(path, image, label=None, attrs=None):
 
 
 def stored_attrs(image, axis, size):
-    """Geometry attributes of a stored volume (``utils.geometry``): the source grid, the slice axis
+    """Geometry attributes of a stored volume (``common.geometry``): the source grid, the slice axis
     and the spacing (array order) of the stored (D, S, S) grid."""
     meta = geometry_meta(image, axis)
     zyx = list(reversed(meta["orig_spacing"]))

@@ -57,13 +57,13 @@ from tqdm import tqdm
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
-from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
+from common.errors import run_cli  # noqa: E402
+from common.geometry import check_geometry  # noqa: E402
 from dataloaders.conversion import PartialFolder, describe_change, run_jobs  # noqa: E402
+from dataloaders.preprocess_promise12 import _swap_in, write_lines  # noqa: E402
 from dataloaders.slice_index import stack_counts, write_root_index  # noqa: E402
 from dataloaders.volume_io import (DEFAULT_PERCENTILES, SLICE_AXIS_RULES, check_image_header,  # noqa: E402
                                    image_ending, slice_axis)
-from utils.errors import run_cli  # noqa: E402
-from utils.geometry import check_geometry  # noqa: E402
 
 LOGGER = logging.getLogger("convert_dataset")
 FORMAT = "sscd-converted-v1"
@@ -476,7 +476,8 @@ def convert_cases(partial, cases, summary, workers):
     """Every case converted (or kept from an interrupted conversion) into the partial folder, in
     ``workers`` processes; returns the records by case (logged: their warnings, what was kept)."""
     splits = summary["splits"]
-    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]] + [("unlabeled", c) for c in summary["unlabeled"]]
+    ordered = [(s, c) for s in ("train", "val", "test") for c in splits[s]]
+    ordered += [("unlabeled", c) for c in summary["unlabeled"]]
     jobs = [{"folder": str(partial.path), "case": case, "split": split, "recipe": summary["preprocessing"],
              "entry": {k: None if v is None else str(v) for k, v in cases[case].items()},
              "record": partial.records.get(case)} for split, case in ordered]

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.errors import DataReadError
 from dataloaders.augment import augment
 from dataloaders.slice_index import SliceIndex, label_counts, load_index, stack_counts
-from utils.errors import DataReadError
 
 # the label of an unlabeled slice in the training cache (it has none on disk)
 UNLABELED = 255

@@ -18,7 +18,7 @@ Per axial slice: the image is resized to S x S bilinearly, then normalised with 
 (0.5 / 99.5 percentiles -> clip -> [0, 1]; a constant slice becomes zeros), then optionally
 equalised (``--clahe``: SimpleITK's AdaptiveHistogramEqualizationImageFilter, radius S // 32,
 alpha = beta = 0.3, followed by a min-max rescale to [0, 1]). Labels are resized with nearest
-neighbour. Volume files carry the geometry attributes described in ``utils.geometry``.
+neighbour. Volume files carry the geometry attributes described in ``common.geometry``.
 
 Splits: ``train.list`` / ``val.list`` / ``test.list`` in the raw folder (all three, or none).
 Without lists the PROMISE12 convention applies: Case00-34 train, Case35-39 val, Case40-49 test.
@@ -50,10 +50,10 @@ from tqdm import tqdm
 CODE_DIR = str(Path(__file__).resolve().parents[1])
 if CODE_DIR not in sys.path:
     sys.path.insert(0, CODE_DIR)
+from common.errors import run_cli  # noqa: E402
+from common.geometry import check_geometry, check_single_channel_3d, resize_slices, resized_spacing  # noqa: E402
 from dataloaders.image_check import read_image  # noqa: E402
 from dataloaders.slice_index import index_folder  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
-from utils.geometry import check_geometry, check_single_channel_3d, resize_slices, resized_spacing  # noqa: E402
 
 LOGGER = logging.getLogger("preprocess_promise12")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from common.geometry import check_shape, resize_slices
 from dataloaders.image_check import (check_grid, check_sizes, held_stderr, itk_cause,  # noqa: F401
                                      read_image)  # read_image: re-exported
 from dataloaders.preprocess_promise12 import preprocess_arrays
-from utils.geometry import check_shape, resize_slices
 
 # file endings SimpleITK reads that this project accepts (longest first, so .nii.gz wins over .gz)
 IMAGE_ENDINGS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -178,7 +178,7 @@ def blank_reason(image, volume):
 
 
 def geometry_meta(image, axis):
-    """What ``utils.geometry.write_label_image`` needs to write a stored-grid prediction back onto
+    """What ``common.geometry.write_label_image`` needs to write a stored-grid prediction back onto
     ``image``'s grid (size, spacing, origin, direction, slice axis)."""
     return {"orig_size": tuple(int(v) for v in image.GetSize()),
             "orig_spacing": tuple(float(v) for v in image.GetSpacing()),

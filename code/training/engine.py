@@ -9,7 +9,7 @@ log intervals: the only host synchronisation is at logging/validation time, wher
 non-finite loss stops the run naming the first bad iteration (the checkpoints on disk are
 from before it).
 
-Under torchrun (``utils.distributed``) every rank runs the steps; the logged losses are means
+Under torchrun (``training.distributed``) every rank runs the steps; the logged losses are means
 over the ranks, a non-finite loss on any rank stops all of them, and only rank 0 validates,
 writes tensorboard and checkpoints; the ranks meet at a barrier before returning, so the
 checkpoints exist for whatever the caller loads next.
@@ -26,12 +26,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils import distributed
-from utils.checkpoint import (CheckpointError, load_checkpoint, load_model_state, remove_stale_temporaries, rng_state,
+from common.checkpoint import (CheckpointError, load_checkpoint, load_model_state, remove_stale_temporaries, rng_state,
                               save_checkpoint, set_rng_state)
-from utils.curves import VAL_HISTORY  # one JSON record per validation, in every train_loop folder
-from utils.device import fit_generator_state, match_state_layout
-from utils.errors import DataReadError
+from common.errors import DataReadError
+from training import distributed
+from training.device import fit_generator_state, match_state_layout
+
+# one JSON record per validation in every train_loop folder (reporting.curves reads them)
+VAL_HISTORY = "validations.jsonl"
 
 try:  # optional: the GPU machine of the device check has no tensorboardX (validations.jsonl has the curves)
     from tensorboardX import SummaryWriter
@@ -44,7 +46,7 @@ except ImportError:
 
 class NonFiniteLoss(RuntimeError):
     """Raised when a loss becomes NaN or infinite."""
-    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+    user_error = True  # the scripts end with its message (common.errors.run_cli)
 
 
 class NonFiniteWeights(NonFiniteLoss):
@@ -63,7 +65,7 @@ def first_nonfinite(models):
 
 
 def seed_everything(seed):
-    """Seed Python, NumPy and torch (the backend flags: ``utils.device.apply_backend_flags``)."""
+    """Seed Python, NumPy and torch (the backend flags: ``training.device.apply_backend_flags``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -136,7 +138,7 @@ def close_logger(logger):
 
 class GeneratorState:
     """A ``torch.Generator`` as a resumable (``state_dict`` / ``load_state_dict``) for train_loop.
-    A state saved on another device type re-seeds the generator (``utils.device.fit_generator_state``);
+    A state saved on another device type re-seeds the generator (``training.device.fit_generator_state``);
     ``load_state_dict`` then returns the one-line note, else None."""
 
     def __init__(self, generator):

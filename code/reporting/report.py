@@ -18,7 +18,7 @@ are inconsistent, and runs named in ``expected_runs.json`` (run_table.py) that h
 ``--published`` adds the ACDC rows quoted from the papers (docs PEERS.md §1), marked as quoted,
 with their source and the protocol caveat.
 
-    python code/utils/report.py --runs OUT/runs --out OUT [--published] [--split val]
+    python code/reporting/report.py --runs OUT/runs --out OUT [--published] [--split val]
 """
 import argparse
 import csv
@@ -32,9 +32,9 @@ import numpy as np
 import yaml
 
 CODE_DIR = str(Path(__file__).resolve().parents[1])
-if CODE_DIR not in sys.path:  # run as a script: python code/utils/report.py
+if CODE_DIR not in sys.path:  # run as a script: python code/reporting/report.py
     sys.path.insert(0, CODE_DIR)
-from utils.curves import plot_learning_curves, plot_mean_curves, read_history  # noqa: E402
+from reporting.curves import plot_learning_curves, plot_mean_curves, read_history  # noqa: E402
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 MM_METRICS = ("hd95", "asd")
@@ -474,7 +474,7 @@ def build_report(runs_dir, out_dir, published=False, split=None):
 
 
 def curve_runs(runs_dir):
-    """Every run folder's identity, config and logged validations (``utils.curves``), evaluated or
+    """Every run folder's identity, config and logged validations (``reporting.curves``), evaluated or
     not: the input of the learning-curve figure."""
     out = []
     for folder in sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()):

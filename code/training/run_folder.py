@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.checkpoint import CheckpointError, load_checkpoint
+from common.checkpoint import CheckpointError, load_checkpoint
 
 # flags a resumed run may change: where and how fast it runs, how often it logs and validates, the
 # supervised trainer's --max_iterations (a finished run is extended), and where the run folder and

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dataloaders.augment import cutout_boxes, jitter, sample_params
 from dataloaders.dataset import resize_nearest
-from utils.evaluation import predict_volume
+from evaluation.inference import predict_volume
 from utils.sscd import bcp_box_mask, cgsr, disc_mask, hca_maps, mix, region_hardness, region_means
 
 PALETTES = {
@@ -180,7 +180,7 @@ def compose(cells, titles=None):
 # --------------------------------------------------------------------------------------------
 def predict_slice(model, image, image_size, device="cpu"):
     """(H, W) uint8 prediction of one slice with the test protocol (nearest resize to the network
-    size and back; ``utils.evaluation.predict_volume``)."""
+    size and back; ``evaluation.inference.predict_volume``)."""
     image = np.asarray(image, dtype=np.float32)
     return predict_volume(model, image[None], image_size, device)[0]
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dataloaders.dataset import resize_nearest, volume_spacing
-from utils.metrics import case_metrics
+from evaluation.metrics import case_metrics
 
 
 @torch.no_grad()
@@ -53,7 +53,7 @@ def scored_classes(volumes, num_classes):
 
 class Validator:
     """Validation Dice for model selection: the mean over volumes of the per-class Dice (classes
-    1..C-1, the rule of ``utils.metrics.dice_per_class``) and its mean over the classes that occur
+    1..C-1, the rule of ``evaluation.metrics.dice_per_class``) and its mean over the classes that occur
     in some validation volume (``scored_classes``; a warning through ``logger`` names the others).
 
     The volumes are uploaded once, on the first call: every slice resized to the network size in
@@ -113,7 +113,7 @@ def evaluate_predictions(preds, volumes, num_classes, workers=0):
     """Per-case metrics in voxels and, where the volume has a spacing, in mm.
 
     Returns a list of ``(voxel_metrics, mm_metrics_or_None)`` per case, each a per-class list
-    of dicts from ``utils.metrics.case_metrics``. ``workers`` > 0 computes cases in parallel
+    of dicts from ``evaluation.metrics.case_metrics``. ``workers`` > 0 computes cases in parallel
     processes (medpy's distance transforms dominate the cost).
     """
     jobs = [(p, v["label"], num_classes, volume_spacing(v["attrs"])) for p, v in zip(preds, volumes)]

@@ -65,7 +65,7 @@ def setup(device):
 
 class MainRankFailed(RuntimeError):
     """Rank 0 failed (its one-line error is the message); raised on the other ranks."""
-    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+    user_error = True  # the scripts end with its message (common.errors.run_cli)
 
 
 def raise_if_main_failed(error):

@@ -1,6 +1,6 @@
 """Learning curves: the validations each training folder logged, against the run's total iteration.
 
-``utils.engine.train_loop`` appends one JSON record per validation to ``<folder>/validations.jsonl``
+``training.engine.train_loop`` appends one JSON record per validation to ``<folder>/validations.jsonl``
 (``phase``, ``iteration`` within the phase, ``total_iteration`` = iterations of the earlier phases +
 ``iteration``, ``dice`` = the selection score, ``dice_class<c>``). A run's curve is every record
 under its folder (pre-training and each stage, or the supervised run), ordered by total iteration.
@@ -8,7 +8,7 @@ under its folder (pre-training and each stage, or the supervised run), ordered b
 import json
 from pathlib import Path
 
-VAL_HISTORY = "validations.jsonl"
+from training.engine import VAL_HISTORY
 
 
 def read_history(run_dir):

@@ -83,7 +83,7 @@ def binary_metrics(pred, gt, spacing=None):
     if pred_empty or gt_empty:
         worst = volume_diagonal(pred.shape, spacing)
         return {"dice": 0.0, "jaccard": 0.0, "hd95": worst, "asd": worst}
-    # imported here: training and validation (utils.evaluation) import this module, and need no medpy
+    # imported here: training and validation (evaluation.inference) import this module, and need no medpy
     from medpy.metric import binary as medpy_binary
     return {
         "dice": float(medpy_binary.dc(pred, gt)),

@@ -21,7 +21,7 @@ FORMAT = "sscd-checkpoint-v1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, written, or does not fit the model/config it is used with."""
-    user_error = True  # the scripts end with its message (utils.errors.run_cli)
+    user_error = True  # the scripts end with its message (common.errors.run_cli)
 
 
 TEMP_PREFIX = "."  # temporary files: .<name>.<random>, renamed to <name> once complete
@@ -99,7 +99,8 @@ def _load_cause(err):
     for line in lines:
         if "WeightsUnpickler error:" in line:
             return line.split("WeightsUnpickler error:", 1)[1].split(". Please use")[0].strip()
-    keep = [line for line in lines if line and "weights_only" not in line and not line.startswith("Check the documentation")]
+    keep = [line for line in lines
+            if line and "weights_only" not in line and not line.startswith("Check the documentation")]
     return (keep or [type(err).__name__])[0].split(". This is an internal")[0]
 
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from utils.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from utils.config import launcher_world_size, per_rank_batch, resolve_save_dir
+from common.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from training.config import launcher_world_size, per_rank_batch, resolve_save_dir
+from training.engine import GeneratorState, ScalerState, train_loop
+from training.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.ema import ema_update
-from utils.engine import GeneratorState, ScalerState, train_loop
 from utils.losses import MIX_DICE, dice_loss, mix_loss
-from utils.run import RUN_RECORDS, SUPERVISED_OUTPUTS, train_supervised
 from utils.sscd import (DEFAULT_HCA_SCHEDULE, HCA_COMBINES, RANK_BY, apply_sda, bcp_box_mask, center_disc_dice,
                         cgsr, class_argmax, cross_weight, hca_maps, mix, parse_hca_schedule, pseudo_labels,
                         region_hardness, region_means, sda_mask, split_iterations)
@@ -349,7 +349,7 @@ def stage_step(run, stage, weights, init_weights, source, data, resumables=None)
     The batch stream and the box/CGSR generator are added to the dict ``resumables`` if given.
 
     The students' whole computation (both forwards of each) runs inside one ``run.parallel``
-    call: one DDP forward per backward under torchrun (see ``utils.distributed``).
+    call: one DDP forward per backward under torchrun (see ``training.distributed``).
     """
     a = run.args
     names = ["model", "model_2", "teacher"] if a.students == 2 else ["model", "teacher"]

@@ -1,8 +1,8 @@
 """The command line of the SSCD trainers: one ``main`` shared by train_ACDC_SSCD.py and
 train_PROMISE12_SSCD.py (they differ only by the dataset's class count and defaults)."""
-from utils.config import base_parser, parse_args
-from utils.run import Run
-from utils.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_metrics, run_outputs, train_sscd
+from training.config import base_parser, parse_args
+from training.run import Run
+from training.sscd_train import PRESETS, add_sscd_args, check_sscd_args, final_val_metrics, run_outputs, train_sscd
 
 # dataset -> (number of classes, default --labelnum)
 DATASETS = {"ACDC": (4, 7), "PROMISE12": (2, 7)}

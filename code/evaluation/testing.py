@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from common.checkpoint import load_checkpoint, load_model_state
+from common.geometry import load_volume_meta, write_label_image
 from dataloaders.dataset import load_volumes
+from evaluation.inference import evaluate_predictions, predict_volume, present_classes
+from evaluation.metrics import METRIC_NAMES, summarize
+from evaluation.model_card import data_source
 from networks.unet import build_model
-from utils.checkpoint import load_checkpoint, load_model_state
-from utils.model_card import data_source
-from utils.evaluation import evaluate_predictions, predict_volume, present_classes
-from utils.geometry import load_volume_meta, write_label_image
-from utils.metrics import METRIC_NAMES, summarize
 
 
 def test_parser(description):
