@@ -5,6 +5,7 @@ in-memory and the disk data paths (``--data_cache``), at 10,000 / 50,000 / 200,0
         [--out pool.json]                                  # pools generated and converted here
     python bench/bench_pool.py --acdc_root ../shared/data/ACDC --steps 30   # the ACDC step, both paths
     python bench/bench_pool.py --feed ROOT [--feed_workers 0 1 2]            # slices/s the disk path reads
+    python bench/bench_pool.py --startup ROOT --sizes 10000 200000 [--rounds 3]  # start-up, nothing converted
 
 Each pool is a converted data set (``convert_dataset.py``, timed with 1 and 2 workers) of 4 labeled
 training cases, 1 validation case and unlabeled cases of 200 slices: ``--distinct`` generated volumes
@@ -46,6 +47,10 @@ def build_parser():
     p.add_argument("--feed", default=None, metavar="ROOT", help="instead: slices/s the disk path reads from ROOT")
     p.add_argument("--feed_workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers for --feed")
     p.add_argument("--feed_seconds", type=float, default=5.0, help="seconds per --feed measurement")
+    p.add_argument("--startup", default=None, metavar="ROOT",
+                   help="instead: seconds to the first batch on pools of --sizes slices linked from the converted "
+                        "pool ROOT (a --keep pool; nothing converted), --rounds times, --num_workers 0 and 2")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --startup")
     p.add_argument("--keep", action="store_true", help="keep the converted pools")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one timed training run (JSON argv)
@@ -64,6 +69,9 @@ def child(argv_json):
     def timed(self):
         batch = real_next(self)
         stamps.append((time.perf_counter(), self.wait_seconds, id(self)))
+        if spec.get("first_batch_only"):  # --startup: the time to the first batch is all that is wanted
+            print(json.dumps({"first_batch_s": round(stamps[0][0] - start, 2)}), flush=True)
+            os._exit(0)
         return batch
 
     BatchStream.__next__ = timed
@@ -77,9 +85,10 @@ def child(argv_json):
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
-def timed_run(trainer, argv):
+def timed_run(trainer, argv, first_batch_only=False):
     env = {**os.environ, "PYTHONPATH": str(REPO / "code")}
-    result = subprocess.run([sys.executable, __file__, "--child", json.dumps({"trainer": trainer, "argv": argv})],
+    spec = {"trainer": trainer, "argv": argv, "first_batch_only": first_batch_only}
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
                             capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode:
         raise SystemExit(f"training run failed:\n{result.stderr[-3000:]}")
@@ -100,7 +109,8 @@ def phantom_volume(shape, seed):
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
     c = rng.uniform(0.35, 0.65, 3) * np.array(shape)
-    r = ((z - c[0]) / (0.3 * shape[0])) ** 2 + ((y - c[1]) / (0.25 * shape[1])) ** 2 + ((x - c[2]) / (0.2 * shape[2])) ** 2
+    r = (((z - c[0]) / (0.3 * shape[0])) ** 2 + ((y - c[1]) / (0.25 * shape[1])) ** 2
+         + ((x - c[2]) / (0.2 * shape[2])) ** 2)
     label = (r <= 1).astype(np.uint8) + (r <= 0.3)
     image = 200 + 400 * label.astype(np.float64) + 0.5 * x + rng.normal(0, 30, shape)
     return image.astype(np.int16), label
@@ -142,12 +152,20 @@ def link_pool(work, volumes, n_slices):
     return folder
 
 
+# runs the converter and prints the peak RSS of its largest process (itself or a worker) in MiB
+MEASURED = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+
+
 def convert(raw, unlabeled, out, size, workers):
+    """(seconds, peak RSS of the largest converter process in MiB) of one conversion."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "code/dataloaders/convert_dataset.py", "--input", str(raw), "--unlabeled",
-                    str(unlabeled), "--out", str(out), "--image_size", str(size), "--val_cases", "case_04",
-                    "--workers", str(workers), "--overwrite"], check=True, cwd=REPO, capture_output=True)
-    return round(time.perf_counter() - start, 1)
+    command = [sys.executable, "code/dataloaders/convert_dataset.py", "--input", str(raw), "--unlabeled",
+               str(unlabeled), "--out", str(out), "--image_size", str(size), "--val_cases", "case_04",
+               "--workers", str(workers), "--overwrite"]
+    peak = subprocess.run([sys.executable, "-c", MEASURED, *command], check=True, cwd=REPO, capture_output=True,
+                          text=True).stdout.split()[-1]
+    return round(time.perf_counter() - start, 1), round(float(peak), 1)
 
 
 def pool_bench(a):
@@ -161,8 +179,9 @@ def pool_bench(a):
         row = {"slices": n, "image_size": a.image_size}
         for w in a.convert_workers:
             shutil.rmtree(out, ignore_errors=True)
-            row[f"convert_s_{w}w"] = convert(raw, unlabeled, out, a.image_size, w)
-            print(json.dumps({"pool": n, f"convert_s_{w}w": row[f"convert_s_{w}w"]}), flush=True)
+            row[f"convert_s_{w}w"], row[f"convert_peak_mb_{w}w"] = convert(raw, unlabeled, out, a.image_size, w)
+            print(json.dumps({"pool": n, f"convert_s_{w}w": row[f"convert_s_{w}w"],
+                              f"convert_peak_mb_{w}w": row[f"convert_peak_mb_{w}w"]}), flush=True)
         row["disk_gb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e9, 2)
         fits = cache_bytes(n + 80, a.image_size) <= 0.5 * available_host_bytes()
         for cache in ("disk", "memory"):
@@ -211,14 +230,67 @@ def feed_bench(a):
     return rates
 
 
+def linked_pool(source, n_slices, out):
+    """A copy of the converted pool ``source`` whose unlabeled part is ``n_slices`` links to its
+    unlabeled slice files (cases of 200 slices), with its own lists, dataset.json and slice index:
+    start-up at any pool size without converting one."""
+    from dataloaders.converted import read_dataset_info
+    from dataloaders.slice_index import INDEX_NAME, write_root_index
+    source, out = Path(source).resolve(), Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "data" / "slices").mkdir(parents=True)
+    for name in ("train.list", "val.list", "test.list"):
+        shutil.copy(source / name, out / name)
+    for volume in (source / "data").glob("*.h5"):
+        (out / "data" / volume.name).symlink_to(volume)
+    ids = (source / "train_slices.list").read_text().split()
+    labeled_cases = set((source / "train.list").read_text().split())
+    keep = [i for i, sid in enumerate(ids) if sid.rsplit("_slice_", 1)[0] in labeled_cases]
+    pool = [sid for sid in ids if sid.rsplit("_slice_", 1)[0] not in labeled_cases]
+    new = [f"v{k // SLICES_PER_CASE:06d}_slice_{k % SLICES_PER_CASE}" for k in range(n_slices)]
+    for sid in [ids[i] for i in keep]:
+        (out / "data" / "slices" / f"{sid}.h5").symlink_to(source / "data" / "slices" / f"{sid}.h5")
+    for k, sid in enumerate(new):
+        (out / "data" / "slices" / f"{sid}.h5").symlink_to(source / "data" / "slices" / f"{pool[k % len(pool)]}.h5")
+    (out / "train_slices.list").write_text("\n".join([ids[i] for i in keep] + new) + "\n")
+    cases = sorted({sid.rsplit("_slice_", 1)[0] for sid in new})
+    (out / "unlabeled.list").write_text("\n".join(cases) + "\n")
+    info = read_dataset_info(source)
+    (out / "dataset.json").write_text(json.dumps({**info, "unlabeled": cases, "num_unlabeled_slices": n_slices}))
+    with np.load(source / INDEX_NAME) as f:
+        labeled, counts = f["labeled"][keep], f["counts"][keep]
+    write_root_index(out, np.concatenate([labeled, np.zeros(n_slices, bool)]),
+                     np.concatenate([counts, np.zeros((n_slices, counts.shape[1]), np.int64)]), (int(info["image_size"]),) * 2)
+    return out
+
+
+def startup_bench(a):
+    """Seconds to the first batch (disk path, ``--num_workers`` 0 and 2) on pools linked from ``--startup``."""
+    work, times = Path(a.work), {}
+    pools = {n: linked_pool(a.startup, n, work / f"linked_{n}") for n in a.sizes}
+    for _ in range(a.rounds):  # rounds interleave the sizes, so that a slow moment of the machine hits both
+        for n, root in pools.items():
+            for workers in (0, 2):
+                size = json.loads((root / "dataset.json").read_text())["image_size"]
+                argv = train_argv(root, work / f"run_{n}", size, "disk", 2, workers)
+                t = timed_run("train_custom", argv, first_batch_only=True)["first_batch_s"]
+                times.setdefault(str(n), []).append(t)
+                print(json.dumps({"slices": n, "workers": workers, "first_batch_s": t}), flush=True)
+    for root in pools.values():
+        shutil.rmtree(root, ignore_errors=True)
+    return {n: {"median_s": float(np.median(t)), "min_s": min(t), "max_s": max(t), "runs": t} for n, t in times.items()}
+
+
 def main(argv=None):
     a = build_parser().parse_args(argv)
     if a.child:
         return child(a.child)
-    from utils.speed import cpu_description
+    from training.speed import cpu_description
     result = {"cpu": cpu_description(), "cores": os.cpu_count()}
     if a.feed:
         result["feed_slices_per_s"] = feed_bench(a)
+    elif a.startup:
+        result["first_batch_s"] = startup_bench(a)
     elif a.acdc_root:
         result["acdc"] = acdc_bench(a)
     else:

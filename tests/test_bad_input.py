@@ -4,7 +4,6 @@ import errno
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,14 +15,14 @@ import train_ACDC_SSCD
 import train_ACDC_supervised
 from common import checkpoint as checkpoint_module
 from common.checkpoint import CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from conftest import CODE
 from dataloaders.dataset import SliceCache, TrainData, load_volumes
 from evaluation.inference import Validator
 from training.config import base_parser, parse_args
 from training.engine import NonFiniteWeights, train_loop
 from training.speed import onednn_isa_cap
 
-REPO = Path(__file__).resolve().parents[1]
-SUPERVISED = REPO / "code" / "train_ACDC_supervised.py"
+SUPERVISED = CODE / "train_ACDC_supervised.py"
 
 
 def write_h5(path, image, label):
@@ -348,7 +347,7 @@ def test_corrupt_checkpoint_error_has_no_weights_only_hint(tmp_path):
 
 def test_scripts_end_with_one_line_errors(tmp_path, synthetic_root):
     (tmp_path / "cut.pth").write_bytes(b"PK\3\4 not a checkpoint")
-    result = subprocess.run([sys.executable, str(REPO / "code" / "test_ACDC.py"), "--checkpoint",
+    result = subprocess.run([sys.executable, str(CODE / "test_ACDC.py"), "--checkpoint",
                              str(tmp_path / "cut.pth")], capture_output=True, text=True)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'cut.pth'}: not a readable")

@@ -22,6 +22,17 @@ def test_builtin_defaults():
     assert args.config is None and args.resume is False
 
 
+@pytest.mark.parametrize("argv, workers", [
+    (["--device", "cpu"], 0),                              # workers would only read ahead, on the step's cores
+    (["--device", "cpu", "--aug_device", "loader"], 2),   # they augment: the reference's path
+    (["--device", "cuda:1"], 2),                           # the step runs on the GPU
+    (["--device", "cpu", "--num_workers", "3"], 3),       # given: kept
+    (["--device", "cuda", "--num_workers", "0"], 0),
+])
+def test_num_workers_default_depends_on_where_the_step_runs(argv, workers):
+    assert parse_args(parser(), argv).num_workers == workers
+
+
 def test_yaml_values_are_defaults(tmp_path):
     cfg = write_yaml(tmp_path, {"image_size": 64, "base_lr": 0.05, "labelnum": 3, "exp": "from_yaml",
                                 "resume": True, "aug_device": "loader"})

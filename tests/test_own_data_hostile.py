@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import predict
 import test_custom
 import train_custom
-from conftest import REPO
+from conftest import CODE
 from dataloaders import convert_dataset
 from dataloaders.volume_io import slice_axis
 from own_data import error_of, make_nnunet, phantom, random_custom_checkpoint, write_image
@@ -290,7 +290,7 @@ def test_a_rerun_refuses_an_out_holding_files_the_converter_did_not_write(traine
 
 def test_work_folders_of_a_killed_conversion_are_removed(trained, tmp_path):
     raw = trained[0]
-    script = REPO / "code" / "dataloaders" / "convert_dataset.py"
+    script = CODE / "dataloaders" / "convert_dataset.py"
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     child.kill()
     child.wait()  # a pid that no longer runs

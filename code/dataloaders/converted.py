@@ -62,13 +62,14 @@ class ConvertedTrainData(TrainData):
         ids = read_list(root, "train_slices.list")
         chosen = set(labeled_cases(root, labelnum))
         labelless = set(optional_list(root, "unlabeled.list"))
+        cases = [s.rsplit("_slice_", 1)[0] for s in ids]  # case_of_slice, once per slice (pools are large)
         rows = {"labeled": [], "pool": []}
-        for i, s in enumerate(ids):
-            rows["labeled" if case_of_slice(s) in chosen else "pool"].append(i)
+        for i, case in enumerate(cases):
+            rows["labeled" if case in chosen else "pool"].append(i)
         order = rows["labeled"] + rows["pool"]  # positions in train_slices.list (the index's rows)
         self.labeled_case_ids = [c for c in read_list(root, "train.list") if c in chosen]
-        self.cache, index = make_source(root, ids, image_size, num_classes, data_cache,
-                                        unlabeled=[s for s in ids if case_of_slice(s) in labelless], order=order)
+        self.cache, index = make_source(root, ids, image_size, num_classes, data_cache, order=order,
+                                        unlabeled=[s for s, case in zip(ids, cases) if case in labelless])
         self.labeled = list(range(len(rows["labeled"])))
         self.unlabeled = list(range(len(rows["labeled"]), len(ids)))
         self.labelnum, self.list_path = labelnum, root / "train_slices.list"

@@ -54,7 +54,7 @@ def read_list(root, name):
     path = Path(root) / name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: list file not found (expected one id per line)")
-    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line for line in map(str.strip, path.read_text().splitlines()) if line]
     if not ids:
         raise ValueError(f"{path}: the list is empty")
     return ids

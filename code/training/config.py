@@ -39,9 +39,10 @@ def base_parser(description, dataset, num_classes, labelnum):
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--aug_device", choices=["device", "loader"], default="device",
                    help="augment batched on --device, or per sample in DataLoader workers")
-    p.add_argument("--num_workers", type=int, default=2,
+    p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers: they augment (--aug_device loader) or read the batches ahead from disk "
-                        "(--data_cache disk); 0: in the training process")
+                        "(--data_cache disk); 0: in the training process. Default: 0 on a CPU --device with "
+                        "--aug_device device, where workers would take cores from the step (bench/README.md), else 2")
     p.add_argument("--data_cache", choices=["auto", "memory", "disk"], default="auto",
                    help="memory: every training slice is read at start-up and kept (in GPU memory with --aug_device "
                         "device); disk: slices are read when a batch needs them, so memory and start-up do not grow "
@@ -113,6 +114,8 @@ def parse_args(parser, argv=None, presets=None):
         parser.error(f"--base_lr {args.base_lr}: expected a finite learning rate")
     if args.num_classes < 2:
         parser.error(f"--num_classes {args.num_classes}: expected at least 2 (background and one structure)")
+    if args.num_workers is None:
+        args.num_workers = default_workers(args.device, args.aug_device)
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: expected 0 or more")
     if not 0 < args.labeled_bs <= args.batch_size:
@@ -128,6 +131,13 @@ def parse_args(parser, argv=None, presets=None):
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --save_dir, --overwrite replaces it: give one of them")
     return args
+
+
+def default_workers(device, aug_device):
+    """``--num_workers`` when not given: 0 where the only work of the workers would be reading batches
+    ahead and the step itself runs on the CPU's cores (a worker competes with it: +8 % per ACDC step
+    on 2 cores against +2 % in the training process, bench/README.md), 2 otherwise."""
+    return 0 if str(device).startswith("cpu") and aug_device == "device" else 2
 
 
 def launcher_world_size():
