@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "code"))
 import compare_acdc  # noqa: E402
 import launch  # noqa: E402
 from compare_arms import arm_runs, summarise  # noqa: E402
-from run_table import TIMES_FILE, TRAINED_FILE  # noqa: E402
+from launch import TIMES_FILE  # noqa: E402
+from run_table import TRAINED_FILE  # noqa: E402
 from reporting.report import run_name  # noqa: E402
 
 #: (method, labelnum) -> --stage_lr chosen by the 2400-iteration acceptance table (docs/results.md §1.5);

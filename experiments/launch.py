@@ -131,7 +131,7 @@ class RunJob:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / FAILED_FILE).unlink(missing_ok=True)
         for step in self.steps:
-            if step_done(self.run_dir, step):
+            if step_done(step):
                 continue
             command = list(step["command"])
             if step["name"] == "train" and started(self.run_dir) and "--resume" not in command:
@@ -180,7 +180,7 @@ def stop(child, grace_s=30):
         return
 
 
-def step_done(run_dir, step):
+def step_done(step):
     """Whether a step finished before: its marker (when it has one) and all its outputs exist."""
     marker = step.get("marker")
     return (marker is None or Path(marker).is_file()) and bool(step.get("outputs")) and all(

@@ -48,7 +48,7 @@ if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
 sys.path.insert(0, str(REPO / "experiments"))
 import launch  # noqa: E402
-from launch import FAILED_FILE, TIMES_FILE, execute, one_thread_env  # noqa: E402,F401  (re-exported for drivers)
+from launch import one_thread_env  # noqa: E402
 from reporting.report import EXPECTED_FILE, build_report, run_name  # noqa: E402
 
 DATASETS = ("ACDC", "PROMISE12", "CUSTOM")
@@ -94,8 +94,6 @@ def build_parser():
                    help="evaluation split (test is withheld here; the trainers select on val)")
     p.add_argument("--out", required=True, help="output folder: runs/ and results.md, results.csv")
     p.add_argument("--device", default=None, help="passed to trainers and test scripts (default: theirs)")
-    p.add_argument("--resume_training", action="store_true",
-                   help="kept for old commands: a started run is always resumed now")
     p.add_argument("--no_published", action="store_true", help="leave the published ACDC rows out of the report")
     p.add_argument("--dry_run", action="store_true", help="print the commands (and the SLURM batch script), run nothing")
     return launch.add_launcher_args(p)
@@ -255,8 +253,9 @@ def main(argv=None, runner=None):
     env = one_thread_env() if shared_cpu else None
     jobs = []
     for k, run in enumerate(runs, start=1):
-        holder = launch.held_by(run["dir"]) if status(run) != "done" else None
-        if status(run) == "done":
+        done = status(run) == "done"
+        holder = None if done else launch.held_by(run["dir"])
+        if done:
             print(f"[{k}/{len(runs)}] {run['name']}: skipped ({run['summary']} exists)", flush=True)
         elif holder:
             print(f"[{k}/{len(runs)}] {run['name']}: still running elsewhere ({holder}); left to that job", flush=True)

@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import shutil
-import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,17 +23,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.geometry import check_geometry, check_single_channel_3d, resized_spacing
-from dataloaders.image_check import read_image
+from dataloaders.image_check import checksums, read_image
 from dataloaders.slice_index import label_counts
 from dataloaders.volume_io import blank_reason, geometry_meta, preprocess_image, preprocess_label
 
 RECORDS = ".cases"
 SETTINGS_FILE = "settings.json"
 
-try:  # zlib-ng's CRC-32 is about 3.5x faster than the C library's (bench/README.md)
-    from zlib_ng import zlib_ng as checksums
-except ImportError:
-    checksums = zlib
 
 
 def file_crc(path):

@@ -62,7 +62,7 @@ class ConvertedTrainData(TrainData):
         ids = read_list(root, "train_slices.list")
         chosen = set(labeled_cases(root, labelnum))
         labelless = set(optional_list(root, "unlabeled.list"))
-        cases = [s.rsplit("_slice_", 1)[0] for s in ids]  # case_of_slice, once per slice (pools are large)
+        cases = [case_of_slice(s) for s in ids]  # once per slice: the pool can hold millions
         rows = {"labeled": [], "pool": []}
         for i, case in enumerate(cases):
             rows["labeled" if case in chosen else "pool"].append(i)

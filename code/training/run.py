@@ -160,7 +160,7 @@ class Run(RunParts):
 
     def _open_folder(self):
         """Create --save_dir, lock it (rank 0) and log to stdout; log.txt is written once every check
-        has passed (``_start_writing``)."""
+        has passed (``run_start.start_writing``)."""
         main = self.rank == 0
         self.save_dir = resolve_save_dir(self.args)
         try:
