@@ -71,8 +71,7 @@ def main(argv=None):
     out = Path(args.out)
     runs = [(v, s, out / f"{re.sub(r'[^A-Za-z0-9.-]+', '_', v).strip('_')}_s{s}") for v in args.variants
             for s in args.seeds]
-    shared_cpu = args.launcher != "slurm" and not launch.gpus_per_run(args) and launch.concurrency(args) > 1
-    env = launch.one_thread_env() if shared_cpu else None
+    env = launch.run_env(args)
     trainer = REPO / "code" / f"train_{args.dataset}_SSCD.py"
 
     def job(run):
@@ -83,7 +82,8 @@ def main(argv=None):
                    "--hca_weights", "1,0,0,0", "--stage_iterations", str(args.stage_iterations),
                    "--val_interval", str(args.val_interval), "--log_interval", "40", "--base_lr", str(args.base_lr),
                    "--seed", str(seed), "--device", "cpu", "--save_dir", str(folder), *VARIANTS[variant], *extra]
-        steps = [{"name": "train", "command": command, "outputs": [folder / "best.pth"], "marker": folder / "TRAINED"}]
+        steps = [{"name": "train", "command": command, "outputs": [folder / "best.pth"],
+                  "marker": folder / launch.TRAINED_FILE}]
         return launch.RunJob(f"{variant} seed {seed}", folder, steps, env)
 
     results = launch.launch([job(run) for run in runs], args, out / "submitit")

@@ -38,7 +38,6 @@ import compare_acdc  # noqa: E402
 import launch  # noqa: E402
 from compare_arms import arm_runs, summarise  # noqa: E402
 from launch import TIMES_FILE  # noqa: E402
-from run_table import TRAINED_FILE  # noqa: E402
 from reporting.report import run_name  # noqa: E402
 
 #: (method, labelnum) -> --stage_lr chosen by the 2400-iteration acceptance table (docs/results.md §1.5);
@@ -143,7 +142,7 @@ def run_seconds(run_dir):
 
 def was_resumed(run_dir):
     """Whether the training that finished was a resumed one (its time then leaves out the interrupted part)."""
-    marker = Path(run_dir) / TRAINED_FILE
+    marker = Path(run_dir) / launch.TRAINED_FILE
     return marker.is_file() and "--resume" in marker.read_text().split()
 
 

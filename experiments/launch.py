@@ -91,6 +91,13 @@ def one_thread_env():
     return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
+def run_env(args):
+    """The environment of a sweep's runs: ``one_thread_env()`` when several local CPU runs share this
+    machine's cores, else None (the caller's)."""
+    shared_cpu = args.launcher != "slurm" and not gpus_per_run(args) and concurrency(args) > 1
+    return one_thread_env() if shared_cpu else None
+
+
 def execute(command, log_path, env=None):
     """Run ``command`` from the repository root with its output in ``log_path``; its exit code.
     The child is stopped with its job (``RunJob.checkpoint``) through ``execute.current``."""
@@ -109,6 +116,7 @@ execute.current = None
 
 
 FAILED_FILE = "FAILED.json"
+TRAINED_FILE = "TRAINED"  # written by a job once its training step is done
 TIMES_FILE = "run_table_times.jsonl"  # seconds of every finished step of a run
 
 

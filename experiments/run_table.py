@@ -48,12 +48,10 @@ if str(REPO / "code") not in sys.path:
     sys.path.insert(0, str(REPO / "code"))
 sys.path.insert(0, str(REPO / "experiments"))
 import launch  # noqa: E402
-from launch import one_thread_env  # noqa: E402
 from reporting.report import EXPECTED_FILE, build_report, run_name  # noqa: E402
 
 DATASETS = ("ACDC", "PROMISE12", "CUSTOM")
 METHODS = ("labeled_only", "bcp", "abd", "sscd")
-TRAINED_FILE = "TRAINED"
 #: trainer flags run_table sets itself (per run) and therefore refuses after --
 RESERVED = ("--method", "--labelnum", "--seed", "--save_dir", "--root_path", "--device", "--resume")
 
@@ -183,7 +181,7 @@ def status(run):
     """'done' (evaluation summary exists), 'trained' (training finished, evaluation missing) or 'todo'."""
     if run["summary"].is_file():
         return "done"
-    if (run["dir"] / TRAINED_FILE).is_file() and (run["dir"] / "best.pth").is_file():
+    if (run["dir"] / launch.TRAINED_FILE).is_file() and (run["dir"] / "best.pth").is_file():
         return "trained"
     return "todo"
 
@@ -191,7 +189,7 @@ def status(run):
 def job_of(run, env=None, runner=None):
     """The launcher job of a run: train (unless trained; resumed when started), then evaluate."""
     steps = [{"name": "train", "command": run["train"], "outputs": [run["dir"] / "best.pth"],
-              "marker": run["dir"] / TRAINED_FILE},
+              "marker": run["dir"] / launch.TRAINED_FILE},
              {"name": "test", "command": run["test"], "outputs": [run["summary"]]}]
     return launch.RunJob(run["name"], run["dir"], steps, env, runner)
 
@@ -249,8 +247,7 @@ def main(argv=None, runner=None):
     (runs_dir / EXPECTED_FILE).write_text(json.dumps(
         {"dataset": args.dataset, "split": args.split, "runs": [r["name"] for r in runs],
          "trainer_flags": passthrough, "root_path": args.root_path}, indent=2))
-    shared_cpu = args.launcher != "slurm" and not launch.gpus_per_run(args) and launch.concurrency(args) > 1
-    env = one_thread_env() if shared_cpu else None
+    env = launch.run_env(args)
     jobs = []
     for k, run in enumerate(runs, start=1):
         done = status(run) == "done"

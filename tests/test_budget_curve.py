@@ -192,11 +192,11 @@ def test_resumed_run_time_sums_its_logged_attempts(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / curve.TIMES_FILE).write_text('{"step": "train", "seconds": 50.0}\n{"step": "test", "seconds": 10.0}\n')
-    (run / curve.TRAINED_FILE).write_text("python train.py --seed 1\n")
+    (run / curve.launch.TRAINED_FILE).write_text("python train.py --seed 1\n")
     (run / "log.txt").write_text("[12:00:00] save_dir: run\n[12:00:30] it 2/4\n"
                                  "[12:10:00] save_dir: run\n[12:10:40] it 4/4\n")
     assert curve.run_seconds(run) == 60.0  # not resumed: the recorded steps as they are
-    (run / curve.TRAINED_FILE).write_text("python train.py --seed 1 --resume\n")
+    (run / curve.launch.TRAINED_FILE).write_text("python train.py --seed 1 --resume\n")
     assert curve.run_seconds(run) == 80.0  # 30 + 40 s of logged attempts, then the 10 s test
 
 

@@ -282,7 +282,7 @@ def test_fuzz_cut_and_flipped_files_give_an_error_or_the_same_output(tmp_path, c
     print(ending, "compressed" if compressed else "raw", counts)
 
 
-def test_bench_read_times_both_paths_on_every_set(acdc_root, tmp_path):
+def test_bench_read_times_the_three_paths_on_every_set(acdc_root, tmp_path):
     bench = load_script("bench/bench_read.py")
     results = bench.main(["--acdc_root", str(acdc_root), "--large_size", "24", "20", "4", "--repeats", "1",
                           "--out", str(tmp_path / "r.json")])
@@ -291,8 +291,9 @@ def test_bench_read_times_both_paths_on_every_set(acdc_root, tmp_path):
     assert names == [f"ACDC val ({volumes} volumes) .nii.gz", f"ACDC val ({volumes} volumes) .nii",
                      "24x20x4 int16 .nii", "24x20x4 int16 .nii.gz"]
     for row in results["sets"]:
-        assert row["itk_seconds"] > 0 and row["checked_seconds"] > 0
+        assert row["itk_seconds"] > 0 and row["named_seconds"] > 0 and row["checked_seconds"] > 0
         assert row["ratio"] == row["checked_seconds"] / row["itk_seconds"]
+        assert row["ratio_named"] == row["checked_seconds"] / row["named_seconds"]
     assert (tmp_path / "r.json").is_file()
 
 
@@ -322,6 +323,24 @@ def test_the_fast_checksums_equal_zlibs():
     assert image_check.checksums.crc32(data) == zlib.crc32(data)
     assert image_check.checksums.crc32(data[50:], image_check.checksums.crc32(data[:50])) == zlib.crc32(data)
     assert image_check.checksums.adler32(data) == zlib.adler32(data)
+
+
+def test_a_large_crc_is_computed_in_pieces_on_threads_and_combined(monkeypatch):
+    import types
+    import zlib
+    if not hasattr(image_check.checksums, "crc32_combine"):
+        pytest.skip("zlib-ng is not installed (requirements.txt): the CRC runs on one thread")
+    pieces = []
+    fake = types.SimpleNamespace(crc32=lambda data, start=0: pieces.append(len(data)) or zlib.crc32(data, start),
+                                 crc32_combine=image_check.checksums.crc32_combine)
+    monkeypatch.setattr(image_check, "checksums", fake)
+    monkeypatch.setattr(image_check, "PARALLEL_CRC", 1000)
+    monkeypatch.setattr(image_check.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    data = np.random.default_rng(2).integers(0, 256, size=3500, dtype=np.uint8)
+    assert image_check.crc32(data, 77) == zlib.crc32(data, 77)
+    assert sorted(pieces) == [1166, 1167, 1167]  # three threads (cores), each at least PARALLEL_CRC bytes
+    pieces.clear()
+    assert image_check.crc32(data[:1999], 5) == zlib.crc32(data[:1999], 5) and pieces == [1999]  # one piece
 
 
 # ------------------------------------------------------------------ found by an attack on the readers (review)

@@ -379,3 +379,15 @@ def test_bad_split_rejected(tmp_path):
     root, _ = _mini_root(tmp_path)
     with pytest.raises(ValueError, match="--split 'train'"):
         load_volumes(root, "train", 4)
+
+
+def test_check_integral_accepts_whole_numbers_and_names_one_odd_value():
+    from dataloaders.slice_index import check_integral
+    for label in (np.array([True, False]), np.array([0, 3], np.int16), np.array([0.0, 2.0, -1.0], np.float32)):
+        assert check_integral(label, "x.h5") is label  # negatives are the callers' to judge (their ranges differ)
+    for label, odd in ((np.array([0.0, 1.5, 2.5]), "1.5"), (np.array([1.0, np.nan]), "nan"),
+                       (np.array([np.inf, 0.0]), "inf")):
+        with pytest.raises(ValueError, match=rf"^x\.h5: label holds non-integer values \(e\.g\. {odd}\); expected"):
+            check_integral(label, "x.h5")
+    with pytest.raises(ValueError, match=r"^x\.h5: label of type <U1, expected integer class indices"):
+        check_integral(np.array(["a"]), "x.h5")

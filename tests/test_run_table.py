@@ -68,7 +68,7 @@ def test_dry_run_skips_evaluated_runs(tmp_path, capsys):
     trained = out / "runs" / "ACDC_labeled_only_1_s2"
     trained.mkdir()
     (trained / "best.pth").write_bytes(b"")
-    (trained / run_table.TRAINED_FILE).write_text("")
+    (trained / run_table.launch.TRAINED_FILE).write_text("")
     run_table.main(argv(out, "--dry_run"))
     printed = capsys.readouterr().out
     assert f"# skip ACDC_sscd_1_s1: {done / 'summary.json'} exists" in printed

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 
 from common.geometry import check_geometry, check_single_channel_3d, resized_spacing
 from dataloaders.image_check import checksums, read_image
-from dataloaders.slice_index import label_counts
+from dataloaders.slice_index import check_integral, label_counts
 from dataloaders.volume_io import blank_reason, geometry_meta, preprocess_image, preprocess_label
 
 RECORDS = ".cases"
@@ -94,10 +94,7 @@ def describe_change(key, before, after):
 
 def label_values(label, path):
     """The sorted distinct values of a label image; ValueError unless they are integers in 0..255."""
-    values = np.unique(sitk.GetArrayViewFromImage(label))
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        raise ValueError(f"{path}: label holds non-integer values (e.g. {values[values != np.round(values)][0]:g}); "
-                         f"expected class indices")
+    values = check_integral(np.unique(sitk.GetArrayViewFromImage(label)), path)
     if values.size and values.min() < 0:
         raise ValueError(f"{path}: label holds negative values ({values.min():g}); expected class indices >= 0")
     if values.size and values.max() > 255:

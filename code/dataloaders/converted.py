@@ -73,7 +73,7 @@ class ConvertedTrainData(TrainData):
         self.labeled = list(range(len(rows["labeled"])))
         self.unlabeled = list(range(len(rows["labeled"]), len(ids)))
         self.labelnum, self.list_path = labelnum, root / "train_slices.list"
-        check_class_counts(index, range(len(ids)), num_classes, self.cache.ids, root, data_cache,
+        check_class_counts(index, num_classes, self.cache.ids, root, data_cache,
                            f"{root / 'dataset.json'}: class(es) {{absent}} occur in none of the labeled training "
                            f"slices; expected every class 0..{num_classes - 1} to occur")
         labeled = index.class_totals(self.labeled, num_classes)

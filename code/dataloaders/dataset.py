@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common.errors import DataReadError
 from dataloaders.augment import augment
-from dataloaders.slice_index import SliceIndex, label_counts, load_index, stack_counts
+from dataloaders.slice_index import SliceIndex, check_integral, label_counts, load_index, stack_counts
 
 # the label of an unlabeled slice in the training cache (it has none on disk)
 UNLABELED = 255
@@ -109,11 +109,7 @@ def load_h5(path, ndim, num_classes, expected_size=None):
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise ValueError(f"{path}: the image holds {bad} NaN/inf value(s); expected finite intensities")
-    if label.dtype.kind not in "biuf":
-        raise ValueError(f"{path}: label of type {label.dtype}, expected integer class indices")
-    if label.dtype.kind == "f" and not (np.isfinite(label).all() and np.array_equal(label, np.round(label))):
-        odd = label[~np.isfinite(label) | (label != np.round(label))]
-        raise ValueError(f"{path}: label holds non-integer values (e.g. {float(odd.flat[0]):g}); expected class indices")
+    check_integral(label, path)
     if label.size and (label.min() < 0 or label.max() >= num_classes):
         raise ValueError(f"{path}: label values in [{label.min():g}, {label.max():g}], expected [0, {num_classes}) "
                          f"(--num_classes {num_classes})")
@@ -503,7 +499,7 @@ class TrainData:
         self.labeled = list(range(count))
         self.unlabeled = list(range(count, len(ids)))
         self.labelnum, self.list_path = labelnum, root / "train_slices.list"
-        check_class_counts(index, range(len(ids)), num_classes, ids, root, data_cache,
+        check_class_counts(index, num_classes, ids, root, data_cache,
                            f"--num_classes {num_classes}: class(es) {{absent}} occur in none of the {len(ids)} "
                            f"training slices of {root / 'train_slices.list'}; expected every class "
                            f"0..{num_classes - 1} to occur (is --num_classes right for this data?)")
@@ -535,16 +531,16 @@ def make_source(root, ids, image_size, num_classes, data_cache, unlabeled=(), or
     return DiskSlices(root, chosen, image_size, num_classes, unlabeled), index
 
 
-def check_class_counts(index, rows, num_classes, ids, root, data_cache, message):
+def check_class_counts(index, num_classes, ids, root, data_cache, message):
     """ValueError ``message`` (``{absent}`` filled in) when a class occurs in none of the labeled slices
-    among ``rows``; with the disk path, also a label value beyond the classes (the memory path has
+    of ``ids``; with the disk path, also a label value beyond the classes (the memory path has
     refused it while reading)."""
     if data_cache == "disk":
         bad = index.values_beyond(num_classes)
         if bad is not None:
             raise ValueError(f"{root / 'data' / 'slices' / (ids[bad] + '.h5')}: label values >= {num_classes}, "
                              f"expected [0, {num_classes}) (--num_classes {num_classes}; from the slice index)")
-    totals = index.class_totals(list(rows), num_classes)
+    totals = index.class_totals(range(len(ids)), num_classes)
     absent = [k for k in range(num_classes) if totals[k] == 0]
     if absent:
         raise ValueError(message.format(absent=absent))

@@ -15,6 +15,11 @@ which calls the two checks here:
   big-endian data) or the stream has several gzip members, the whole stream is decompressed and
   checked instead.
 
+A raw NIfTI-1 file of plain numbers in this machine's byte order (the common ``.nii``) is read once,
+by ``read_image`` itself: ITK reads its header geometry, the voxels are read into the image and
+looked at for NaN as they arrive (ITK's NIfTI reader would have turned NaN into zeros, so a check
+after ITK would have to read the file a second time).
+
 An uncompressed file carries no checksum: a changed byte inside its voxels, or in a spacing or origin
 written in its header, reads as a valid value and cannot be found (docs/own_data.md).
 """
@@ -37,6 +42,8 @@ except ImportError:  # the same values, slower
     checksums = zlib
 
 CHUNK = 1 << 22
+PARALLEL_CRC = 1 << 25  # bytes per thread of a CRC-32 on several threads (below 32 MiB, one is faster)
+_THREADS = {"pool": None}
 
 
 class DamagedFile(ValueError):
@@ -61,8 +68,16 @@ class Layout:
     scaled: bool = False
     nifti: bool = False
     version: int = 1  # NIfTI-1 or NIfTI-2 (other formats: 1)
-    head: bytes = None  # the first decompressed bytes of a gzip stream, when they hold the whole prefix
+    head: bytes = None  # a NIfTI file's first (decompressed) bytes, when they hold the whole prefix
     trailer: tuple = None  # (CRC-32, length) at the end of a gzip stream, once read
+    io: str = None  # the ITK ImageIO that reads this format
+
+    @property
+    def reads_itself(self):
+        """Whether ``read_image`` reads the voxels itself: a raw NIfTI-1 file of plain numbers in this
+        machine's byte order, unscaled (ITK would return the stored bytes, only with NaN turned into 0)."""
+        return (self.nifti and self.encoding == "raw" and self.version == 1 and self.dtype is not None
+                and not self.scaled and self.dtype.isnative and self.dtype.kind in "uif")
 
 
 def _fail(path, what):
@@ -114,6 +129,8 @@ def _nifti_fields(head, path):
         datatype, bitpix = struct.unpack(order + "hh", head[70:74])
         vox_offset = struct.unpack(order + "f", head[108:112])[0]
         vox_offset = int(vox_offset) if math.isfinite(vox_offset) and abs(vox_offset) < 2 ** 62 else -1
+        if vox_offset >= 2 ** 31:  # ITK's NIfTI-1 reader keeps it in 32 bits and would read other bytes
+            _unreadable(path, f"NIfTI-1 voxel offset {vox_offset}; expected below 2 GiB")
         slope, inter = struct.unpack(order + "ff", head[112:120])
     if not 1 <= dims[0] <= 7 or any(d < 1 for d in dims[1:dims[0] + 1]):
         _fail(path, f"NIfTI dimensions {list(dims[:dims[0] + 1]) if 0 <= dims[0] <= 7 else dims[0]}")
@@ -129,7 +146,7 @@ def _nifti_fields(head, path):
     if vox_offset < size + 4:
         _fail(path, f"NIfTI voxel offset {vox_offset}, expected at least {size + 4}")
     nbytes = _voxel_bytes(dims[1:dims[0] + 1], bitpix / 8, path)
-    scaled = slope not in (0.0, 1.0) or (slope != 0.0 and inter != 0.0)
+    scaled = slope not in (0.0, 1.0) or inter != 0.0  # ITK reads slope 0 as 1 and adds the intercept
     return vox_offset, nbytes, (None if code is None else np.dtype(order + code)), scaled, 1 if size == 348 else 2
 
 
@@ -138,21 +155,23 @@ def _nifti_layout(path, gz):
         head = f.read(540)
     if not (gz and head[:2] == b"\x1f\x8b"):  # ITK also reads a '.nii.gz' that is not compressed
         offset, nbytes, dtype, scaled, version = _nifti_fields(head, path)
-        return Layout(path, offset, nbytes, "raw", dtype=dtype, scaled=scaled, nifti=True, version=version)
+        return Layout(path, offset, nbytes, "raw", dtype=dtype, scaled=scaled, nifti=True, version=version,
+                      io="NiftiImageIO", head=head)
     head = _gunzip_head(path, 1024)
     offset, nbytes, dtype, scaled, version = _nifti_fields(head, path)
     return Layout(path, 0, nbytes, "gzip", prefix=offset, dtype=dtype, scaled=scaled, nifti=True, version=version,
-                  head=head if len(head) >= offset else None)
+                  head=head if len(head) >= offset else None, io="NiftiImageIO")
 
 
 def _gunzip_head(path, n):
     """The first ``n`` decompressed bytes of a gzip file, across its members (fewer if the stream is
     shorter)."""
-    inflater, out, pending = zlib.decompressobj(31), b"", b""
+    inflater, out, pending, step = zlib.decompressobj(31), b"", b"", 1 << 12  # a header: its first 4 KiB
     try:
         with open(path, "rb") as f:
             while len(out) < n:
-                chunk = pending or f.read(1 << 16)
+                chunk = pending or f.read(step)
+                step = 1 << 16
                 pending = b""
                 if not chunk:
                     break
@@ -240,7 +259,7 @@ def _metaimage_layout(path):
             offset = _size(data_path, path) - nbytes
     stored = _int(fields, "CompressedDataSize", path) if compressed and "CompressedDataSize" in fields else None
     return Layout(data_path, offset, nbytes, "zlib" if compressed else "raw", stored_size=stored,
-                  dtype=np.dtype((">" if msb else "<") + code))
+                  dtype=np.dtype((">" if msb else "<") + code), io="MetaImageIO")
 
 
 # ---------------------------------------------------------------- NRRD
@@ -289,7 +308,8 @@ def _nrrd_layout(path):
     data_path, offset = (path.parent / source, 0) if source else (path, end)
     little = fields.get("endian", "little").lower() == "little"
     nbytes = _voxel_bytes(sizes, np.dtype(code).itemsize, path)
-    return Layout(data_path, offset, nbytes, encoding, dtype=np.dtype(("<" if little else ">") + code))
+    return Layout(data_path, offset, nbytes, encoding, dtype=np.dtype(("<" if little else ">") + code),
+                  io="NrrdImageIO")
 
 
 def _check_nrrd_spacing(fields, path):
@@ -314,24 +334,82 @@ def _check_nrrd_spacing(fields, path):
 
 def read_image(path):
     """A SimpleITK image from ``path``, checked whole: ``check_sizes`` before ITK reads and
-    ``check_voxels`` after. FileNotFoundError / ValueError (DamagedFile) naming the file otherwise."""
-    import SimpleITK as sitk
+    ``check_voxels`` after (a raw NIfTI file is checked as ``_read_nifti_voxels`` reads it).
+    FileNotFoundError / ValueError (DamagedFile) naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     lay = check_sizes(path)
-    image, failure = None, None
+    image, checked, failure = None, False, None
     with held_stderr() as printed:
         try:
-            image = sitk.ReadImage(str(path))
+            image, checked = _itk_read(path, lay)
         except RuntimeError as err:
             failure = err
     if failure is not None:  # its cause read once what ITK printed has been collected
         raise ValueError(f"{path}: not a readable image ({itk_cause(failure, printed, lay)})") from None
-    check_voxels(path, image, lay)
+    if not checked:
+        check_voxels(path, image, lay)
     check_grid(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     report_itk_output(path, printed)
     return image
+
+
+PIXEL_IDS = {"u1": "sitkUInt8", "i1": "sitkInt8", "u2": "sitkUInt16", "i2": "sitkInt16", "u4": "sitkUInt32",
+             "i4": "sitkInt32", "u8": "sitkUInt64", "i8": "sitkInt64", "f4": "sitkFloat32", "f8": "sitkFloat64"}
+
+
+def _itk_read(path, lay):
+    """(image, whether its voxels are checked) for ``path``, read by the ImageIO of its format (ITK
+    then does not ask every reader whether it knows the file). The voxels of a raw NIfTI file that ITK
+    would return as stored are read once, here, and checked as they are read: ITK reads only the
+    header's geometry. Anything else (scaling, another byte order, vectors, more than three axes) is
+    read by ITK and checked by ``check_voxels``."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(lay.io)
+    if not lay.reads_itself:
+        return reader.Execute(), False
+    reader.ReadImageInformation()
+    size, item = reader.GetSize(), lay.dtype.itemsize
+    if (reader.GetDimension() > 3 or math.prod(size) * item != lay.nbytes  # ITK and the header agree
+            or reader.GetPixelID() != getattr(sitk, PIXEL_IDS[lay.dtype.str[1:]])):
+        return reader.Execute(), False
+    try:
+        image = sitk.GetImageFromArray(_read_nifti_voxels(path, lay).reshape(size[::-1]))
+    except MemoryError:  # the voxels, then their copy in the image
+        _unreadable(path, f"its {lay.nbytes} bytes of voxels, held twice while read, do not fit in memory")
+    spacing, direction = np.array(reader.GetSpacing()), np.array(reader.GetDirection()).reshape(len(size), -1)
+    direction[:, spacing < 0] *= -1  # as ITK's ImageFileReader: a negative voxel size turns its axis
+    image.SetOrigin(reader.GetOrigin())
+    image.SetSpacing(np.abs(spacing).tolist())
+    image.SetDirection(direction.ravel().tolist())
+    return image, True
+
+
+def _read_nifti_voxels(path, lay):
+    """The stored voxels of a raw NIfTI file (``lay.reads_itself``), as a flat array; DamagedFile when
+    the file changed since ``check_sizes`` (another header, fewer bytes), ValueError for NaN or infinite
+    values (which ITK's NIfTI reader would have returned as zeros)."""
+    voxels = np.empty(lay.nbytes // lay.dtype.itemsize, dtype=lay.dtype)
+    target, got = memoryview(voxels).cast("B"), 0
+    try:
+        f = open(lay.data_path, "rb", buffering=0)
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot be read ({err.strerror or err})") from None
+    with f:
+        if f.read(348) != lay.head[:348]:
+            _fail(path, "its header changed while it was read")
+        f.seek(lay.offset)
+        while got < lay.nbytes:  # one read of at most 2 GiB at a time (Linux)
+            n = f.readinto(target[got:])
+            if not n:
+                _fail(path, f"the header gives {lay.nbytes} bytes of voxel data, read {got}")
+            got += n
+    if lay.dtype.kind == "f":
+        _refuse_nonfinite(path, _count_nonfinite(voxels))
+    return voxels
 
 
 def check_grid(path, spacing, origin, direction):
@@ -489,12 +567,29 @@ def _checksum_matches(image, lay):
         return False
     if lay.encoding == "gzip":
         prefix = (lay.head if lay.head is not None else _gunzip_head(lay.data_path, lay.prefix))[: lay.prefix]
-        return _gzip_trailer(lay)[0] == checksums.crc32(voxels, checksums.crc32(prefix) if lay.prefix else 0)
+        return _gzip_trailer(lay)[0] == crc32(voxels, checksums.crc32(prefix) if lay.prefix else 0)
     if lay.stored_size is None or lay.stored_size < 6:
         return False
     with open(lay.data_path, "rb") as f:
         f.seek(lay.offset + lay.stored_size - 4)
         return struct.unpack(">I", f.read(4))[0] == checksums.adler32(voxels)
+
+
+def crc32(data, start=0):
+    """The CRC-32 of ``data`` continuing ``start``; a large buffer in pieces of at least
+    ``PARALLEL_CRC`` bytes on this process's cores, combined (zlib-ng's CRC releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    view = memoryview(data).cast("B")
+    pieces = min(len(os.sched_getaffinity(0)), 8, len(view) // PARALLEL_CRC)
+    if pieces < 2 or not hasattr(checksums, "crc32_combine"):  # the C library's zlib module has no combine
+        return checksums.crc32(view, start)
+    if _THREADS["pool"] is None:
+        _THREADS["pool"] = ThreadPoolExecutor(8, thread_name_prefix="crc32")
+    bounds = [len(view) * k // pieces for k in range(pieces + 1)]
+    parts = _THREADS["pool"].map(lambda k: checksums.crc32(view[bounds[k]:bounds[k + 1]]), range(pieces))
+    for k, part in enumerate(parts):
+        start = checksums.crc32_combine(start, part, bounds[k + 1] - bounds[k])
+    return start
 
 
 def _float_image(image):
@@ -566,7 +661,7 @@ def _verify_stream(path, lay, voxels=None):
     if total != expected:
         _fail(path, f"the {lay.encoding} stream holds {total} bytes, the header gives {expected}")
     _refuse_nonfinite(path, state["nonfinite"])
-    if voxels is not None and checksums.crc32(voxels) != state["crc"]:
+    if voxels is not None and crc32(voxels) != state["crc"]:
         _fail(path, "ITK returned other voxels than the ones its compressed stream holds")
 
 

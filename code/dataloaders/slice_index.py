@@ -170,9 +170,21 @@ def build_index(root, ids, unlabeled=()):
     return SliceIndex([r is not None for r in rows], stack_counts(rows), shape or (0, 0))
 
 
+def check_integral(label, path):
+    """``label`` unchanged when it can hold class indices (booleans, integers, or floats that are whole
+    numbers); ValueError naming ``path`` and one odd value otherwise."""
+    if label.dtype.kind not in "biuf":
+        raise ValueError(f"{path}: label of type {label.dtype}, expected integer class indices")
+    if label.dtype.kind == "f":
+        odd = ~np.isfinite(label) | (label != np.round(label))
+        if odd.any():
+            raise ValueError(f"{path}: label holds non-integer values (e.g. {float(label[odd].flat[0]):g}); "
+                             f"expected class indices")
+    return label
+
+
 def _integer(label, path):
-    if label.dtype.kind == "f" and not (np.isfinite(label).all() and np.array_equal(label, np.round(label))):
-        raise ValueError(f"{path}: label holds non-integer values; expected class indices")
+    check_integral(label, path)
     if label.size and label.min() < 0:
         raise ValueError(f"{path}: label holds negative values; expected class indices")
     return label
