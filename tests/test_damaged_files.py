@@ -3,8 +3,10 @@ than its header says or whose compressed stream is damaged, with one line naming
 nothing for it. A seeded, bounded fuzz test cuts and flips files of every accepted format and runs
 the converter and predict.py on them."""
 import gzip
+import os
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -335,12 +337,35 @@ def test_a_large_crc_is_computed_in_pieces_on_threads_and_combined(monkeypatch):
                                  crc32_combine=image_check.checksums.crc32_combine)
     monkeypatch.setattr(image_check, "checksums", fake)
     monkeypatch.setattr(image_check, "PARALLEL_CRC", 1000)
-    monkeypatch.setattr(image_check.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    data = np.random.default_rng(2).integers(0, 256, size=3500, dtype=np.uint8)
+    threads = {"itk": 3}
+    monkeypatch.setattr(sitk.ProcessObject, "GetGlobalDefaultNumberOfThreads", staticmethod(lambda: threads["itk"]))
+    data = np.random.default_rng(2).integers(0, 256, size=4500, dtype=np.uint8)
     assert image_check.crc32(data, 77) == zlib.crc32(data, 77)
-    assert sorted(pieces) == [1166, 1167, 1167]  # three threads (cores), each at least PARALLEL_CRC bytes
+    assert sorted(pieces) == [1500, 1500, 1500]  # ITK's three threads, each on at least PARALLEL_CRC bytes
     pieces.clear()
     assert image_check.crc32(data[:1999], 5) == zlib.crc32(data[:1999], 5) and pieces == [1999]  # one piece
+    pieces.clear()
+    threads["itk"] = 1  # e.g. a converter worker's share of the cores
+    assert image_check.crc32(data, 77) == zlib.crc32(data, 77) and pieces == [4500]
+    threads["itk"] = 3
+    if hasattr(os, "fork"):  # a forked child cannot use its parent's pool: the pool's threads are not in it
+        parents = image_check._THREADS["pool"]
+        pid = os.fork()
+        if pid == 0:
+            right = image_check.crc32(data, 77) == zlib.crc32(data, 77)
+            os._exit(0 if right and image_check._THREADS["pool"] is not parents else 1)
+        deadline, status = time.monotonic() + 60, None
+        while status is None:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(code)
+            elif time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child's CRC never finished")
+            else:
+                time.sleep(0.05)
+        assert status == 0
 
 
 # ------------------------------------------------------------------ found by an attack on the readers (review)

@@ -205,7 +205,7 @@ def test_voxels_that_do_not_fit_in_memory_end_in_one_line(tmp_path, monkeypatch)
     def no_memory(*args, **kwargs):
         raise MemoryError("Unable to allocate")
 
-    monkeypatch.setattr(image_check.np, "empty", no_memory)
+    monkeypatch.setattr(image_check, "_read_nifti_voxels", no_memory)
     with pytest.raises(ValueError, match=rf"^\S*huge\.nii: not a readable image \(its {5 * 7 * 9 * 2} bytes of voxels, "
                                          r"held twice while read, do not fit in memory\)$"):
         read_image(path)
@@ -215,11 +215,13 @@ def test_a_folder_or_fifo_named_like_an_image_is_not_called_missing(tmp_path):
     import os
     (tmp_path / "dir.nii").mkdir()
     os.mkfifo(tmp_path / "pipe.nii")
-    for name in ("dir.nii", "pipe.nii"):
-        with pytest.raises(FileNotFoundError, match=rf"{name}: not a regular file$"):
-            read_image(tmp_path / name)
-    with pytest.raises(FileNotFoundError, match=r"gone\.nii: no such file$"):
-        read_image(tmp_path / "gone.nii")
+    from dataloaders.volume_io import check_image_header
+    for check in (read_image, check_image_header):  # predict checks every header first
+        for name in ("dir.nii", "pipe.nii"):
+            with pytest.raises(FileNotFoundError, match=rf"{name}: not a regular file$"):
+                check(tmp_path / name)
+        with pytest.raises(FileNotFoundError, match=r"gone\.nii: no such file$"):
+            check(tmp_path / "gone.nii")
 
 
 def test_an_intercept_without_slope_in_a_gzip_file_is_not_called_damaged(tmp_path):

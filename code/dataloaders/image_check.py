@@ -16,8 +16,8 @@ which calls the two checks here:
   checked instead.
 
 A raw NIfTI-1 file of plain numbers in this machine's byte order (the common ``.nii``) is read once,
-by ``read_image`` itself: ITK reads its header geometry, the voxels are read into the image and
-looked at for NaN as they arrive (ITK's NIfTI reader would have turned NaN into zeros, so a check
+by ``read_image`` itself: ITK reads its header geometry, the voxels are read into an array, looked at
+for NaN, and copied into the image (ITK's NIfTI reader would have turned NaN into zeros, so a check
 after ITK would have to read the file a second time).
 
 An uncompressed file carries no checksum: a changed byte inside its voxels, or in a spacing or origin
@@ -30,6 +30,7 @@ import re
 import struct
 import sys
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ except ImportError:  # the same values, slower
 
 CHUNK = 1 << 22
 PARALLEL_CRC = 1 << 25  # bytes per thread of a CRC-32 on several threads (below 32 MiB, one is faster)
-_THREADS = {"pool": None}
+_THREADS = {"pool": None, "pid": None, "lock": threading.Lock()}  # a forked child makes its own pool
 
 
 class DamagedFile(ValueError):
@@ -68,9 +69,9 @@ class Layout:
     scaled: bool = False
     nifti: bool = False
     version: int = 1  # NIfTI-1 or NIfTI-2 (other formats: 1)
-    head: bytes = None  # a NIfTI file's first (decompressed) bytes, when they hold the whole prefix
+    head: bytes = None  # a NIfTI file's first 540 bytes (decompressed; for gzip, when they hold the prefix)
     trailer: tuple = None  # (CRC-32, length) at the end of a gzip stream, once read
-    io: str = None  # the ITK ImageIO that reads this format
+    io: str = ""  # the ITK ImageIO that reads this format ("": ITK chooses)
 
     @property
     def reads_itself(self):
@@ -334,11 +335,9 @@ def _check_nrrd_spacing(fields, path):
 
 def read_image(path):
     """A SimpleITK image from ``path``, checked whole: ``check_sizes`` before ITK reads and
-    ``check_voxels`` after (a raw NIfTI file is checked as ``_read_nifti_voxels`` reads it).
+    ``check_voxels`` after (or, for a file ``_itk_read`` reads itself, ``_read_nifti_voxels`` as it reads).
     FileNotFoundError / ValueError (DamagedFile) naming the file otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    path = require_file(path)
     lay = check_sizes(path)
     image, checked, failure = None, False, None
     with held_stderr() as printed:
@@ -359,16 +358,32 @@ PIXEL_IDS = {"u1": "sitkUInt8", "i1": "sitkInt8", "u2": "sitkUInt16", "i2": "sit
              "i4": "sitkInt32", "u8": "sitkUInt64", "i8": "sitkInt64", "f4": "sitkFloat32", "f8": "sitkFloat64"}
 
 
-def _itk_read(path, lay):
-    """(image, whether its voxels are checked) for ``path``, read by the ImageIO of its format (ITK
-    then does not ask every reader whether it knows the file). The voxels of a raw NIfTI file that ITK
-    would return as stored are read once, here, and checked as they are read: ITK reads only the
-    header's geometry. Anything else (scaling, another byte order, vectors, more than three axes) is
-    read by ITK and checked by ``check_voxels``."""
+def require_file(path):
+    """``path`` as a Path; FileNotFoundError naming it unless it is a regular file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    return path
+
+
+def itk_reader(path, lay):
+    """An ITK ``ImageFileReader`` for ``path`` with the ImageIO of its format named (ITK then does not
+    ask every reader whether it knows the file)."""
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.SetImageIO(lay.io)
+    return reader
+
+
+def _itk_read(path, lay):
+    """(image, whether its voxels are checked) for ``path``, read by the ImageIO of its format. The
+    voxels of a raw NIfTI file that ITK
+    would return as stored are read once, here, and checked as they are read: ITK reads only the
+    header's geometry. Anything else (scaling, another byte order, vectors, more than three axes) is
+    read by ITK and checked by ``check_voxels``."""
+    import SimpleITK as sitk
+    reader = itk_reader(path, lay)
     if not lay.reads_itself:
         return reader.Execute(), False
     reader.ReadImageInformation()
@@ -466,7 +481,7 @@ def itk_cause(err, printed=None, lay=None):
     first = re.sub(r"(itk::ERROR|ITK ERROR): \w+\(0x[0-9a-f]+\): ", "", first)
     if first.endswith(":") and lines and lines[-1] not in first:
         first = f"{first} {lines[-1]}"
-    if lay is not None and lay.version == 2 and "Unable to determine ImageIO reader" in first:
+    if lay is not None and lay.version == 2:  # ITK's words differ with the ImageIO named or not
         first = "a NIfTI-2 file, which this SimpleITK does not read: save it as NIfTI-1"
     said = [line.strip() for line in (printed or {}).get("text", "").splitlines() if line.strip()]
     if said and any(vague in " ".join(lines) for vague in ("No such file or directory", "Unable to determine")):
@@ -577,19 +592,30 @@ def _checksum_matches(image, lay):
 
 def crc32(data, start=0):
     """The CRC-32 of ``data`` continuing ``start``; a large buffer in pieces of at least
-    ``PARALLEL_CRC`` bytes on this process's cores, combined (zlib-ng's CRC releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
+    ``PARALLEL_CRC`` bytes on as many threads as ITK may use (zlib-ng's CRC releases the GIL; the
+    converter's workers share the cores through ITK's thread count), combined."""
     view = memoryview(data).cast("B")
-    pieces = min(len(os.sched_getaffinity(0)), 8, len(view) // PARALLEL_CRC)
-    if pieces < 2 or not hasattr(checksums, "crc32_combine"):  # the C library's zlib module has no combine
+    pieces = min(len(view) // PARALLEL_CRC, 8) if hasattr(checksums, "crc32_combine") else 1  # zlib: no combine
+    if pieces >= 2:
+        import SimpleITK as sitk
+        pieces = min(pieces, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())
+    if pieces < 2:
         return checksums.crc32(view, start)
-    if _THREADS["pool"] is None:
-        _THREADS["pool"] = ThreadPoolExecutor(8, thread_name_prefix="crc32")
     bounds = [len(view) * k // pieces for k in range(pieces + 1)]
-    parts = _THREADS["pool"].map(lambda k: checksums.crc32(view[bounds[k]:bounds[k + 1]]), range(pieces))
+    parts = _crc_pool().map(lambda k: checksums.crc32(view[bounds[k]:bounds[k + 1]]), range(pieces))
     for k, part in enumerate(parts):
         start = checksums.crc32_combine(start, part, bounds[k + 1] - bounds[k])
     return start
+
+
+def _crc_pool():
+    """This process's thread pool for ``crc32`` (a forked child makes its own: its parent's threads are
+    not in it)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with _THREADS["lock"]:
+        if _THREADS["pid"] != os.getpid():
+            _THREADS.update(pool=ThreadPoolExecutor(8, thread_name_prefix="crc32"), pid=os.getpid())
+        return _THREADS["pool"]
 
 
 def _float_image(image):

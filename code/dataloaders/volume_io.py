@@ -27,8 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from common.geometry import check_shape, resize_slices
-from dataloaders.image_check import (check_grid, check_sizes, held_stderr, itk_cause,  # noqa: F401
-                                     read_image)  # read_image: re-exported
+from dataloaders.image_check import (check_grid, check_sizes, held_stderr, itk_cause, itk_reader,  # noqa: F401
+                                     read_image, require_file)  # read_image: re-exported
 from dataloaders.preprocess_promise12 import preprocess_arrays
 
 # file endings SimpleITK reads that this project accepts (longest first, so .nii.gz wins over .gz)
@@ -50,12 +50,9 @@ def check_image_header(path):
     """Read only the header of ``path`` (and its data file's size): ValueError unless a readable 3-D
     single-channel image whose data are as long as its header says. Returns the ``ImageFileReader``
     (``GetSize``, ``GetSpacing``, ``GetOrigin``, ``GetDirection`` as an image's)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    path = require_file(path)
     lay = check_sizes(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    reader = itk_reader(path, lay)
     failure = None
     with held_stderr() as printed:  # what ITK prints about it is shown once, when the file is read
         try:
