@@ -260,7 +260,8 @@ def linked_pool(source, n_slices, out):
     with np.load(source / INDEX_NAME) as f:
         labeled, counts = f["labeled"][keep], f["counts"][keep]
     write_root_index(out, np.concatenate([labeled, np.zeros(n_slices, bool)]),
-                     np.concatenate([counts, np.zeros((n_slices, counts.shape[1]), np.int64)]), (int(info["image_size"]),) * 2)
+                     np.concatenate([counts, np.zeros((n_slices, counts.shape[1]), np.int64)]),
+                     (int(info["image_size"]),) * 2)
     return out
 
 
@@ -270,8 +271,8 @@ def startup_bench(a):
     pools = {n: linked_pool(a.startup, n, work / f"linked_{n}") for n in a.sizes}
     for _ in range(a.rounds):  # rounds interleave the sizes, so that a slow moment of the machine hits both
         for n, root in pools.items():
+            size = json.loads((root / "dataset.json").read_text())["image_size"]
             for workers in (0, 2):
-                size = json.loads((root / "dataset.json").read_text())["image_size"]
                 argv = train_argv(root, work / f"run_{n}", size, "disk", 2, workers)
                 t = timed_run("train_custom", argv, first_batch_only=True)["first_batch_s"]
                 times.setdefault(str(n), []).append(t)

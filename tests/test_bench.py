@@ -67,3 +67,34 @@ def test_each_path_runs_under_its_own_backend_flags(tiny_root):
                                       "deterministic_algorithms": False, "conv_tf32": True}]
     assert plain["backend_flags"] == [{"cudnn_benchmark": False, "cudnn_deterministic": True,
                                        "deterministic_algorithms": False, "conv_tf32": False}]
+
+
+def test_bench_pool_links_a_pool_of_any_size_that_trains_from_disk(tmp_path):
+    """``bench_pool.py --startup`` times start-up on pools linked from one converted pool: the linked
+    folder must hold the labeled slices and exactly the asked number of unlabeled ones, each a link to
+    a slice of the source pool, with lists and an index the disk path reads as they are."""
+    import bench_pool
+    from dataloaders import convert_dataset
+    from dataloaders.converted import ConvertedTrainData
+    from dataloaders.slice_index import load_index
+    from own_data import make_nnunet
+    names = make_nnunet(tmp_path / "raw", n_labeled=5, n_unlabeled=2)
+    source = tmp_path / "pool"
+    convert_dataset.main(["--input", str(tmp_path / "raw"), "--out", str(source), "--image_size", "32",
+                          "--val_cases", "case_04"])
+    ids = (source / "train_slices.list").read_text().split()
+    pool = [s for s in ids if s.startswith("nolabel_")]
+    labeled = [s for s in ids if not s.startswith("nolabel_")]
+    out = bench_pool.linked_pool(source, 450, tmp_path / "linked")
+    linked = (out / "train_slices.list").read_text().split()
+    assert linked[:len(labeled)] == labeled and len(linked) == len(labeled) + 450
+    assert (out / "unlabeled.list").read_text().split() == ["v000000", "v000001", "v000002"]  # 200 slices each
+    for k, sid in enumerate(linked[len(labeled):]):
+        assert sid == f"v{k // 200:06d}_slice_{k % 200}"
+        assert (out / "data" / "slices" / f"{sid}.h5").resolve() == \
+            (source / "data" / "slices" / f"{pool[k % len(pool)]}.h5").resolve()
+    index = load_index(out, linked)
+    assert index.labeled.tolist() == [True] * len(labeled) + [False] * 450
+    data = ConvertedTrainData(out, labelnum=len(names["labeled"]) - 1, image_size=32, num_classes=3,
+                              data_cache="disk")
+    assert len(data.unlabeled) == 450 and len(data.labeled) == len(labeled)

@@ -31,7 +31,6 @@ RECORDS = ".cases"
 SETTINGS_FILE = "settings.json"
 
 
-
 def file_crc(path):
     """(size, CRC-32) of a file."""
     crc, size = 0, 0

@@ -378,10 +378,9 @@ def itk_reader(path, lay):
 
 def _itk_read(path, lay):
     """(image, whether its voxels are checked) for ``path``, read by the ImageIO of its format. The
-    voxels of a raw NIfTI file that ITK
-    would return as stored are read once, here, and checked as they are read: ITK reads only the
-    header's geometry. Anything else (scaling, another byte order, vectors, more than three axes) is
-    read by ITK and checked by ``check_voxels``."""
+    voxels of a raw NIfTI file that ITK would return as stored are read once, here, and checked
+    (``_read_nifti_voxels``): ITK reads only the header's geometry. Anything else (scaling, another
+    byte order, vectors, more than three axes) is read by ITK; ``read_image`` then runs ``check_voxels``."""
     import SimpleITK as sitk
     reader = itk_reader(path, lay)
     if not lay.reads_itself:
